@@ -363,8 +363,11 @@ def write_hf_tokenizer_files(model_path: str | os.PathLike, folder: str | os.Pat
     if trainer.pad_id >= 0:
         special["pad_token"] = piece(trainer.pad_id)
     special = {k: v for k, v in special.items() if v is not None}
+    # "PreTrainedTokenizerFast" makes transformers use tokenizer.json exactly as written. With
+    # "LlamaTokenizer", transformers 5 rebuilds the pre-tokenizer itself and then differs from
+    # SentencePiece on text that starts with spaces.
     config = {
-        "tokenizer_class": "LlamaTokenizer",
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": trainer.bos_id >= 0,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,

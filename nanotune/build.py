@@ -1,0 +1,135 @@
+"""Turning the [model], [tokenizer], [train] and [lora] sections into a ready-to-train model.
+
+Both entry points (`train_pt.py`, `train_sft.py`) call these, in this order:
+`load_tokenizer` -> `build_model` (load or create, grow the vocabulary) -> `select_trainable`
+(or LoRA) -> the loop, which then applies activation checkpointing, compilation and FSDP.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_pretrained
+from .config import RunConfig
+from .model import Llama, LlamaConfig
+from .tokenizer import Tokenizer, TokenizerError
+from .vocab import resize_token_embeddings
+
+log = logging.getLogger("nanotune")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(config: RunConfig) -> Tokenizer:
+    path = config.tokenizer.path or config.model.path
+    if not path:
+        raise ValueError("set tokenizer.path (a tokenizer.model, tokenizer.json or folder), or model.path")
+    return Tokenizer.from_file(path)
+
+
+def build_model(config: RunConfig, tokenizer: Tokenizer) -> Llama:
+    """Load `model.path`, or create a model of the configured shape; then fit the vocabulary.
+
+    A tokenizer with more pieces than the model's embedding (a merged Chinese vocabulary) grows
+    `embed_tokens` and `lm_head`; the model folder's own tokenizer, if it has one, spells the new
+    pieces so their rows start from the mean of their old sub-tokens.
+    """
+    dtype = DTYPES[config.model.dtype]
+    if config.model.path:
+        model = load_pretrained(config.model.path, dtype=dtype)
+        old_tokenizer = _tokenizer_beside(config.model.path)
+    else:
+        shape = config.model
+        llama_config = LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=shape.hidden_size,
+            intermediate_size=shape.intermediate_size,
+            num_hidden_layers=shape.num_hidden_layers,
+            num_attention_heads=shape.num_attention_heads,
+            num_key_value_heads=shape.num_key_value_heads or shape.num_attention_heads,
+            max_position_embeddings=shape.max_position_embeddings,
+            rope_theta=shape.rope_theta,
+            tie_word_embeddings=shape.tie_word_embeddings,
+            bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=None,
+        )
+        model = Llama(llama_config)
+        model.init_weights(seed=config.seed)
+        model.to(dtype)
+        old_tokenizer = None
+    added = resize_token_embeddings(model, tokenizer, old_tokenizer)
+    if added:
+        log.info("vocabulary grown by %d rows to %d (tokenizer %s)", added, tokenizer.vocab_size, tokenizer.path)
+    model.packed_attention = config.model.packed_attention
+    model.loss_chunk_tokens = config.model.loss_chunk_tokens
+    model.neftune_alpha = config.train.neftune_alpha
+    return model.train()
+
+
+def _tokenizer_beside(model_path: str) -> Tokenizer | None:
+    try:
+        return Tokenizer.from_file(Path(model_path))
+    except TokenizerError:
+        return None
+
+
+def select_trainable(model: nn.Module, trainable: list[str], freeze_bottom_fraction: float = 0.0) -> tuple[int, int]:
+    """Set `requires_grad` by the `train.trainable` option; return (trainable, total) parameter counts.
+
+    "all": everything. "embeddings": only `embed_tokens` and `lm_head`, the stage after vocabulary
+    extension in which the new rows learn while the rest of the model is held still. Otherwise
+    fnmatch patterns over parameter names ("model.layers.*.mlp.*"). `freeze_bottom_fraction`
+    then freezes that fraction of the layers counted from the input side.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    if trainable == ["all"]:
+        patterns = ["*"]
+    elif trainable == ["embeddings"]:
+        patterns = ["model.embed_tokens.weight", "lm_head.weight"]
+    else:
+        patterns = trainable
+        for pattern in patterns:
+            if not fnmatch.filter(names, pattern):
+                raise ValueError(f"train.trainable: pattern {pattern!r} matches no parameter (e.g. {names[0]!r})")
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
+    n_frozen_layers = int(freeze_bottom_fraction * len(model.model.layers))
+    for block in model.model.layers[:n_frozen_layers]:
+        block.requires_grad_(False)
+    return count_parameters(model)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), each tensor counted once even when tied."""
+    seen, trainable, total = set(), 0, 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable, total
+
+
+def configure_trainable(model: Llama, config: RunConfig) -> tuple[int, int]:
+    """LoRA adapters when [lora] is enabled, else `train.trainable`; logs and returns the counts."""
+    if config.lora.enabled:
+        from .lora import apply_lora
+
+        targets = config.lora.targets
+        apply_lora(
+            model, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
+            targets="all-linear" if targets == ["all-linear"] else targets,
+            modules_to_save=config.lora.modules_to_save,
+        )
+        trainable, total = count_parameters(model)
+    else:
+        trainable, total = select_trainable(model, config.train.trainable, config.train.freeze_bottom_fraction)
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100.0 * trainable / total)
+    return trainable, total

@@ -1,0 +1,71 @@
+"""Supervised fine-tuning on conversations: only the assistant's replies (and their EOS) are trained.
+
+    python train_sft.py --config configs/tiny_sft.toml
+    torchrun --nproc_per_node 8 train_sft.py --config configs/belle_llama7b_sft.toml
+
+Builds the config, tokenizer, model and encoded conversations, then hands them to the loop in
+nanotune/train.py. Conversations are padded per micro-batch (optionally grouped by length), or
+packed several to a row with `data.packing = true`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nanotune import distributed
+from nanotune.build import build_model, configure_trainable, load_tokenizer
+from nanotune.cli import run_main, setup_logging
+from nanotune.config import ConfigError, SFTDataConfig, load_config
+from nanotune.data.pretrain import collate_blocks
+from nanotune.data.sft import PackedSFTDataset, PaddingCollator, build_sft_dataset, pack_conversations
+from nanotune.data.templates import get_template
+from nanotune.train import train
+
+
+def main(argv: list[str] | None = None):
+    setup_logging()
+    config = load_config(argv, data_class=SFTDataConfig)
+    run = distributed.init_distributed(config.distributed, config.train.device)
+    tokenizer = load_tokenizer(config)
+    model = build_model(config, tokenizer)
+    configure_trainable(model, config)
+
+    data = config.data
+    if not data.train_files:
+        raise ConfigError("data.train_files is empty: give the conversation files (paths or globs)")
+    template = get_template(data.template)
+
+    def encode(files):
+        return build_sft_dataset(
+            files, tokenizer, template, max_length=data.max_length, truncation=data.truncation,
+            train_on_prompt=data.train_on_prompt, format=data.format, skip_invalid=data.skip_invalid,
+        )
+
+    train_samples = encode(data.train_files)
+    valid_samples = encode(data.valid_files) if data.valid_files else None
+    if valid_samples is None and data.valid_fraction > 0:
+        train_samples, valid_samples = split_samples(train_samples, data.valid_fraction, config.seed)
+
+    if data.packing:
+        train_data = PackedSFTDataset(pack_conversations(list(train_samples), data.max_length))
+        valid_data = PackedSFTDataset(pack_conversations(list(valid_samples), data.max_length)) if valid_samples else None
+        collate, lengths = collate_blocks, None
+    else:
+        train_data, valid_data = train_samples, valid_samples
+        collate, lengths = PaddingCollator(tokenizer.pad_id), list(train_samples.lengths)
+
+    result = train(config, run, model, tokenizer, train_data, valid_data, collate, lengths=lengths)
+    distributed.shutdown(run)
+    return result
+
+
+def split_samples(samples, valid_fraction: float, seed: int):
+    """A seeded random `valid_fraction` of the encoded conversations held out for evaluation."""
+    order = np.random.default_rng(seed).permutation(len(samples))
+    n_valid = max(1, int(round(valid_fraction * len(samples))))
+    valid_indices, train_indices = sorted(order[:n_valid]), sorted(order[n_valid:])
+    return samples.subset(train_indices), samples.subset(valid_indices)
+
+
+if __name__ == "__main__":
+    run_main(main)
