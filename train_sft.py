@@ -17,7 +17,7 @@ from nanotune.build import build_model, configure_trainable, load_tokenizer
 from nanotune.cli import run_main, setup_logging
 from nanotune.config import ConfigError, SFTDataConfig, load_config
 from nanotune.data.pretrain import collate_blocks
-from nanotune.data.sft import PackedSFTDataset, PaddingCollator, build_sft_dataset, pack_conversations
+from nanotune.data.sft import PackedSFTDataset, PaddingCollator, SFTDataset, build_sft_dataset
 from nanotune.data.templates import get_template
 from nanotune.train import train
 
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None):
         train_samples, valid_samples = split_samples(train_samples, data.valid_fraction, config.seed)
 
     if data.packing:
-        train_data = PackedSFTDataset(pack_conversations(list(train_samples), data.max_length))
-        valid_data = PackedSFTDataset(pack_conversations(list(valid_samples), data.max_length)) if valid_samples else None
+        train_data = PackedSFTDataset(train_samples, data.max_length, tokenizer.pad_id)
+        valid_data = PackedSFTDataset(valid_samples, data.max_length, tokenizer.pad_id) if valid_samples else None
         collate, lengths = collate_blocks, None
     else:
         train_data, valid_data = train_samples, valid_samples
@@ -63,8 +63,11 @@ def split_samples(samples, valid_fraction: float, seed: int):
     """A seeded random `valid_fraction` of the encoded conversations held out for evaluation."""
     order = np.random.default_rng(seed).permutation(len(samples))
     n_valid = max(1, int(round(valid_fraction * len(samples))))
-    valid_indices, train_indices = sorted(order[:n_valid]), sorted(order[n_valid:])
-    return samples.subset(train_indices), samples.subset(valid_indices)
+
+    def subset(indices):
+        return SFTDataset({k: v.tolist() for k, v in samples[int(i)].items()} for i in sorted(indices))
+
+    return subset(order[n_valid:]), subset(order[:n_valid])
 
 
 if __name__ == "__main__":

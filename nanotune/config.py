@@ -286,7 +286,21 @@ def _sections(config: RunConfig) -> list[str]:
     return [name for name in _field_names(config) if dataclasses.is_dataclass(getattr(config, name))]
 
 
+# The names people bring from transformers' TrainingArguments, mapped to ours.
+HF_NAMES = {
+    "learning_rate": "lr", "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs", "warmup": "warmup_steps", "lr_scheduler_type": "schedule",
+    "max_grad_norm": "max_grad_norm", "logging_steps": "every_steps", "save_steps": "every_steps",
+    "save_total_limit": "keep_last", "eval_steps": "every_steps", "model_max_length": "max_length",
+}
+
+
 def _suggest(name: str, candidates: list[str]) -> str:
+    section, _, key = name.rpartition(".")
+    if key in HF_NAMES:
+        renamed = f"{section}.{HF_NAMES[key]}" if section else HF_NAMES[key]
+        if renamed in candidates:
+            return f"; did you mean {renamed!r}?"
     close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(candidates)}"
 

@@ -17,8 +17,10 @@ backward: less communication, more memory.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +155,14 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it runs "in a single process" when no process group exists: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _state_dict_options(trainable_only: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -169,7 +179,8 @@ def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options(trainable_only))
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+    with _single_process_quiet():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
 
 
 def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> None:
@@ -179,5 +190,6 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     options = _state_dict_options(trainable_only)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(folder))
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)

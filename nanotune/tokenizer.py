@@ -154,7 +154,9 @@ class _SentencePieceBackend:
         self.pad_id = _non_negative(self.sp.pad_id())
 
     def encode_batch(self, texts):
-        return self.sp.Encode(texts, num_threads=os.cpu_count() or 1) if len(texts) > 1 else self.sp.Encode(texts)
+        if len(texts) == 1:
+            return [self.sp.Encode(texts[0])]  # a list input would start SentencePiece's thread pool
+        return self.sp.Encode(texts, num_threads=os.cpu_count() or 1)
 
     def decode(self, ids):
         return self.sp.Decode(ids)

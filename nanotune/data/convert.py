@@ -1,0 +1,88 @@
+"""Convert an SFT data set to nanotune's one format: JSONL of {"messages": [...]}, one per line.
+
+    python -m nanotune.data.convert --format alpaca --input in.json --output out.jsonl \\
+        [--dev-size 1000] [--dev-output dev.jsonl] [--skip-invalid]
+
+Converting once up front means every later step (training, evaluation, inspection with `head`)
+reads one simple format, and a bad record is found now, with its file and line, not an hour into
+a run. With `--dev-size N` the first N *records* go to a dev file (default `<output stem>.dev.jsonl`)
+and the rest to the output, as the BELLE recipe splits with head/tail. Splitting by record keeps
+all the conversations made from one record (the questions about one TCM document) on one side,
+so the dev set never holds a document the model was trained on. Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from nanotune.data.formats import READERS, iter_conversation_records
+from nanotune.data.records import DataError
+
+
+def write_jsonl_atomic(path: Path, conversations: list[list[dict]]) -> None:
+    """Write {"messages": ...} lines to a temporary name in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as f:
+        for messages in conversations:
+            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+
+
+def default_dev_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".dev.jsonl")
+
+
+def convert(
+    inputs: list[str],
+    output: str | os.PathLike,
+    format: str = "auto",
+    dev_size: int = 0,
+    dev_output: str | os.PathLike | None = None,
+    skip_invalid: bool = False,
+) -> dict:
+    """Convert `inputs` (files or globs) and return the counts that the CLI prints."""
+    output = Path(output)
+    dev_path = Path(dev_output) if dev_output else default_dev_path(output)
+    stats: dict = {}
+    train, dev = [], []
+    for index, (_, _, conversations) in enumerate(iter_conversation_records(inputs, format, skip_invalid, stats)):
+        (dev if index < dev_size else train).extend(conversations)
+    write_jsonl_atomic(output, train)
+    if dev_size > 0:
+        write_jsonl_atomic(dev_path, dev)
+    stats.update(train_conversations=len(train), dev_conversations=len(dev), output=str(output))
+    if dev_size > 0:
+        stats["dev_output"] = str(dev_path)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--format", default="auto", choices=["auto", *READERS], help="input format (default: detect per file)")
+    parser.add_argument("--input", required=True, nargs="+", help="input .json/.jsonl files or globs")
+    parser.add_argument("--output", required=True, help="output .jsonl")
+    parser.add_argument("--dev-size", type=int, default=0, help="put the first N records in a dev file")
+    parser.add_argument("--dev-output", default=None, help="dev file (default: <output stem>.dev.jsonl)")
+    parser.add_argument("--skip-invalid", action="store_true", help="skip and count bad records instead of stopping")
+    args = parser.parse_args(argv)
+    if args.dev_size < 0:
+        parser.error("--dev-size must be >= 0")
+    try:
+        stats = convert(args.input, args.output, args.format, args.dev_size, args.dev_output, args.skip_invalid)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"records: {stats['records']} read, {stats['invalid']} invalid skipped")
+    print(f"train: {stats['train_conversations']} conversations -> {stats['output']}")
+    if "dev_output" in stats:
+        print(f"dev: {stats['dev_conversations']} conversations -> {stats['dev_output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

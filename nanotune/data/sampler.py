@@ -1,0 +1,146 @@
+"""Which samples each rank trains on at each optimizer step, independent of how the batch is split.
+
+A run is described by its global batch: G samples per optimizer step. How those G samples are
+spread over W ranks and A micro-steps of gradient accumulation (G = W * A * micro_batch_size) is
+an implementation detail, and it must stay one: the same seed gives step s the same G samples
+whether the run uses 1 GPU with 8 accumulation steps or 8 GPUs with none. That is what makes
+gradient accumulation and FSDP testable against a single process, and lets a run resume on a
+different number of GPUs.
+
+So the order is decided globally and only then cut up:
+
+    epoch e      permutation of range(num_samples), seeded by (seed, e), the same in every process
+    step s       permutation[s*G : (s+1)*G]          (the last, partial global batch is dropped)
+    rank r       its G/W contiguous share of step s, cut into A micro-batches of micro_batch_size
+
+`state_dict()` is just (epoch, step_in_epoch) of the next step: resuming recomputes the
+permutation from the seed instead of storing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+LENGTH_GROUPING_WINDOW = 50  # global batches sorted together by length ("megabatches" in HF)
+
+
+class GlobalBatchSampler:
+    """Yields, for each optimizer step, this rank's `grad_accum` micro-batches of sample indices.
+
+    Iterates through epochs forever (the training loop stops at its max_steps); `epoch` and
+    `step_in_epoch` always name the next step to be yielded.
+
+    `group_by_length=True` (with `lengths`, for SFT batches padded to their longest sample): after
+    the shuffle, samples are sorted by length within windows of 50 global batches and the order of
+    the global batches within a window is shuffled again, so a micro-batch holds similar lengths
+    and less padding, while the epoch stays a seeded permutation.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        global_batch_size: int,
+        micro_batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        lengths: Sequence[int] | np.ndarray | None = None,
+        group_by_length: bool = False,
+    ):
+        if min(global_batch_size, micro_batch_size, world_size) < 1:
+            raise ValueError(
+                f"global_batch_size {global_batch_size}, micro_batch_size {micro_batch_size} and "
+                f"world_size {world_size} must all be at least 1"
+            )
+        if global_batch_size % (micro_batch_size * world_size):
+            raise ValueError(
+                f"global_batch_size {global_batch_size} is not divisible by micro_batch_size "
+                f"{micro_batch_size} x world_size {world_size}; the accumulation steps must be a whole number"
+            )
+        if num_samples < global_batch_size:
+            raise ValueError(
+                f"only {num_samples} samples for a global batch of {global_batch_size}: an epoch would "
+                f"have no full step; use more data or a smaller global_batch_size"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, not {seed}")
+        if group_by_length:
+            if lengths is None or len(lengths) != num_samples:
+                raise ValueError(f"group_by_length needs lengths for all {num_samples} samples")
+        self.num_samples = num_samples
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.world_size, self.rank = world_size, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        self.group_by_length = group_by_length
+        self.grad_accum = global_batch_size // (micro_batch_size * world_size)
+        self.steps_per_epoch = num_samples // global_batch_size
+        self.epoch, self.step_in_epoch = 0, 0
+        self._order_of_epoch: tuple[int, np.ndarray] | None = None  # the last epoch's order, kept
+
+    # -- the order --------------------------------------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The sample order of `epoch`, (num_samples,): a function of (seed, epoch) only."""
+        if self._order_of_epoch is not None and self._order_of_epoch[0] == epoch:
+            return self._order_of_epoch[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
+        if self.group_by_length:
+            order = self._grouped_by_length(order, rng)
+        self._order_of_epoch = (epoch, order)
+        return order
+
+    def _grouped_by_length(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        G = self.global_batch_size
+        window = LENGTH_GROUPING_WINDOW * G
+        grouped = []
+        for start in range(0, len(order), window):
+            samples = order[start : start + window]
+            samples = samples[np.argsort(-self.lengths[samples], kind="stable")]  # longest first
+            n_full = len(samples) // G
+            batches = samples[: n_full * G].reshape(n_full, G)  # (batches, G)
+            if self.shuffle:
+                batches = batches[rng.permutation(n_full)]  # lengths must not trend within an epoch
+            grouped += [batches.reshape(-1), samples[n_full * G :]]  # the remainder is the dropped tail
+        return np.concatenate(grouped)
+
+    def global_batch(self, epoch: int, step: int) -> np.ndarray:
+        """All G sample indices of optimizer step `step` of `epoch`, over every rank, (G,)."""
+        G = self.global_batch_size
+        return self.epoch_order(epoch)[step * G : (step + 1) * G]
+
+    def micro_batches(self, epoch: int, step: int) -> list[list[int]]:
+        """This rank's share of the global batch, as `grad_accum` lists of `micro_batch_size` indices."""
+        per_rank = self.global_batch_size // self.world_size
+        mine = self.global_batch(epoch, step)[self.rank * per_rank : (self.rank + 1) * per_rank]
+        M = self.micro_batch_size
+        return [mine[a * M : (a + 1) * M].tolist() for a in range(self.grad_accum)]
+
+    # -- iteration and resume -----------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[list[list[int]]]:
+        while True:
+            batches = self.micro_batches(self.epoch, self.step_in_epoch)
+            self.step_in_epoch += 1  # advanced before yielding: state_dict() names the next step
+            if self.step_in_epoch == self.steps_per_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            yield batches
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+        if epoch < 0 or not 0 <= step < self.steps_per_epoch:
+            raise ValueError(
+                f"sampler state epoch {epoch}, step_in_epoch {step} does not fit {self.steps_per_epoch} steps per epoch"
+            )
+        self.epoch, self.step_in_epoch = epoch, step

@@ -1,0 +1,230 @@
+"""The training loop, proven against its oracles: one big batch, an uninterrupted run, a frozen model."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import corpus_lines, train_sentencepiece
+from safetensors.torch import load_file
+
+import train_pt
+import train_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tokenizer, a plain-text corpus and a conversation file, shared by the tests of this module."""
+    folder = tmp_path_factory.mktemp("train")
+    tokenizer = train_sentencepiece(folder, vocab_size=512, lines=corpus_lines(300, seed=1))
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(corpus_lines(120, seed=2)) + "\n", encoding="utf-8")
+    rng = random.Random(0)
+    lines = corpus_lines(80, seed=3)
+    with open(folder / "chat.jsonl", "w", encoding="utf-8") as f:
+        for i in range(40):
+            # uneven lengths, and some two-turn conversations
+            turns = [{"role": "user", "content": lines[i][: rng.randint(5, 60)]},
+                     {"role": "assistant", "content": lines[i + 40][: rng.randint(3, 40)]}]
+            if i % 3 == 0:
+                turns += [{"role": "user", "content": "再说一遍"}, {"role": "assistant", "content": lines[i][:10]}]
+            f.write(json.dumps({"messages": turns}, ensure_ascii=False) + "\n")
+    return {"tokenizer": tokenizer, "corpus": corpus, "chat": folder / "chat.jsonl", "root": folder}
+
+
+def pt_args(ws, output_dir, *extra):
+    return [
+        f"--output_dir={output_dir}", f"--tokenizer.path={ws['tokenizer']}", f"--data.train_files={ws['corpus']}",
+        "--data.seq_len=32", f"--data.cache_dir={ws['root'] / 'cache'}", "--data.num_workers=1",
+        "--model.hidden_size=32", "--model.intermediate_size=64", "--model.num_hidden_layers=2",
+        "--model.num_attention_heads=4", "--model.num_key_value_heads=2",
+        "--optim.lr=3e-3", "--optim.warmup_steps=2", "--log.every_steps=1", "--log.progress_bar=false", *extra,
+    ]
+
+
+def sft_args(ws, output_dir, *extra):
+    return [
+        f"--output_dir={output_dir}", f"--tokenizer.path={ws['tokenizer']}", f"--data.train_files={ws['chat']}",
+        "--data.max_length=64", "--data.template=chatml",
+        "--model.hidden_size=32", "--model.intermediate_size=64", "--model.num_hidden_layers=2",
+        "--model.num_attention_heads=4", "--model.num_key_value_heads=2",
+        "--optim.lr=3e-3", "--log.every_steps=1", "--log.progress_bar=false", *extra,
+    ]
+
+
+def losses(output_dir) -> list[float]:
+    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def final_weights(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(Path(output_dir) / "final" / "model.safetensors")
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("entry", ["pt", "sft"])
+def test_gradient_accumulation_equals_one_big_batch(workspace, tmp_path, entry):
+    main, args = (train_pt.main, pt_args) if entry == "pt" else (train_sft.main, sft_args)
+    main(args(workspace, tmp_path / "big", "--train.batch_size=8", "--train.grad_accum=1", "--train.max_steps=4"))
+    main(args(workspace, tmp_path / "accum", "--train.batch_size=2", "--train.grad_accum=4", "--train.max_steps=4"))
+    big, accumulated = losses(tmp_path / "big"), losses(tmp_path / "accum")
+    assert len(big) == 4
+    assert big == pytest.approx(accumulated, abs=1e-5)
+    assert_same_weights(final_weights(tmp_path / "big"), final_weights(tmp_path / "accum"), atol=1e-5)
+
+
+def test_resume_from_step_4_ends_where_the_uninterrupted_run_ends(workspace, tmp_path):
+    common = ("--train.batch_size=4", "--train.max_steps=12", "--checkpoint.every_steps=4", "--checkpoint.keep_last=5")
+    train_pt.main(pt_args(workspace, tmp_path / "straight", *common))
+    interrupted = tmp_path / "interrupted"
+    train_pt.main(pt_args(workspace, interrupted, *common))
+    # Throw away everything after step 4, as if the run had died right after that checkpoint.
+    for name in ("step_8",):
+        import shutil
+
+        shutil.rmtree(interrupted / "checkpoints" / name)
+    (interrupted / "final" / "model.safetensors").unlink()
+    train_pt.main(pt_args(workspace, interrupted, *common, "--checkpoint.resume=true"))
+    assert losses(interrupted) == losses(tmp_path / "straight")  # bit for bit, and no duplicated lines
+    assert_same_weights(final_weights(interrupted), final_weights(tmp_path / "straight"), atol=0)
+
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import nanotune.distributed as distributed
+original = distributed.save_training_state
+calls = [0]
+def dies_while_writing(folder, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == {die_at}:
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, "half-written"), "w").write("x")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(folder, *args, **kwargs)
+distributed.save_training_state = dies_while_writing
+import train_pt
+train_pt.main(sys.argv[1:])
+"""
+
+
+def test_sigkill_at_random_moments_and_during_a_checkpoint_write_resumes_to_the_same_end(workspace, tmp_path):
+    common = ("--train.batch_size=4", "--train.max_steps=10", "--checkpoint.every_steps=2", "--checkpoint.keep_last=2",
+              "--checkpoint.resume=true")
+    train_pt.main(pt_args(workspace, tmp_path / "straight", *common))
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # 1) killed by SIGKILL inside the third checkpoint write (step 6): step_6.tmp is left half-written.
+    script = KILLER.format(root=str(ROOT), die_at=3)
+    result = subprocess.run([sys.executable, "-c", script, *pt_args(workspace, run_dir, *common)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert (run_dir / "checkpoints" / "step_6.tmp" / "state" / "half-written").exists()
+    # 2) killed at a random moment of a resumed run.
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_pt.py"), *pt_args(workspace, run_dir, *common)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and max([json.loads(x).get("step", 0) for x in metrics.read_text().splitlines()
+                                          if x.endswith("}")] + [0]) <= 4:
+        time.sleep(0.01)
+    time.sleep(random.Random(7).uniform(0.0, 0.1))
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    # 3) resumed to the end.
+    train_pt.main(pt_args(workspace, run_dir, *common))
+    assert_same_weights(final_weights(run_dir), final_weights(tmp_path / "straight"), atol=0)
+    assert losses(run_dir) == losses(tmp_path / "straight")
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_tiny_model_overfits_tiny_data_from_both_entry_points(workspace, tmp_path):
+    # One document: with several, the first token after BOS would be a guess among them, a loss floor.
+    one_line = tmp_path / "one.txt"
+    one_line.write_text(corpus_lines(2, seed=9)[1] + "\n", encoding="utf-8")
+    pt = ("--train.batch_size=1", "--train.max_steps=200", "--optim.lr=1e-2", "--optim.weight_decay=0",
+          "--optim.schedule=constant", f"--data.train_files={one_line}", "--data.seq_len=128", "--log.every_steps=10")
+    result = train_pt.main(pt_args(workspace, tmp_path / "pt", *pt))
+    assert result.final_loss < 0.05, result.final_loss
+    few_chats = tmp_path / "few.jsonl"
+    few_chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"问题 {i}"},
+                                                          {"role": "assistant", "content": corpus_lines(4, seed=i)[0][:30]}]},
+                                            ensure_ascii=False) + "\n" for i in range(4)), encoding="utf-8")
+    sft = ("--train.batch_size=4", "--train.max_steps=200", "--optim.lr=1e-2", "--optim.schedule=constant",
+           f"--data.train_files={few_chats}", "--log.every_steps=10")
+    result = train_sft.main(sft_args(workspace, tmp_path / "sft", *sft))
+    assert result.final_loss < 0.05, result.final_loss
+
+
+def test_embeddings_only_training_changes_only_embeddings_and_head(workspace, tmp_path):
+    from nanotune.checkpoint import load_pretrained
+
+    train_pt.main(pt_args(workspace, tmp_path / "base", "--train.batch_size=4", "--train.max_steps=2"))
+    base = tmp_path / "base" / "final"
+    output = tmp_path / "emb"
+    captured = {}
+    original_train = train_pt.train
+
+    def capture(config, run, model, *args, **kwargs):
+        result = original_train(config, run, model, *args, **kwargs)
+        captured["optimizer_params"] = {id(p) for p in model.parameters() if p.requires_grad}
+        captured["frozen"] = [n for n, p in model.named_parameters() if not p.requires_grad]
+        return result
+
+    train_pt.train = capture
+    try:
+        train_pt.main(pt_args(workspace, output, f"--model.path={base}", "--train.trainable=embeddings",
+                              "--train.batch_size=4", "--train.max_steps=3", "--checkpoint.every_steps=2"))
+    finally:
+        train_pt.train = original_train
+    before, after = load_pretrained(base).state_dict(), load_pretrained(output / "final").state_dict()
+    for name in before:
+        changed = not torch.equal(before[name], after[name])
+        assert changed == (name in ("model.embed_tokens.weight", "lm_head.weight")), name
+    # Frozen parameters have no optimizer state: the checkpoint's optimizer holds only the two trained tensors.
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(output / "checkpoints" / "step_2" / "state")).read_metadata()
+    optimizer_keys = {k for k in metadata.state_dict_metadata if k.startswith("optimizer.state.")}
+    assert optimizer_keys and all(("embed_tokens" in k or "lm_head" in k) for k in optimizer_keys), optimizer_keys
+    assert len(captured["frozen"]) > 0
+
+
+def run_cli(script, args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+
+def test_bad_config_and_bad_data_fail_with_one_clear_line_and_write_nothing(workspace, tmp_path):
+    bad_config = tmp_path / "bad.toml"
+    bad_config.write_text("[optim]\nlearning_rate = 1e-4\n")
+    result = run_cli("train_pt.py", ["--config", str(bad_config), f"--output_dir={tmp_path / 'out1'}"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {bad_config}: unknown key 'optim.learning_rate'; did you mean 'optim.lr'?")
+    assert not (tmp_path / "out1").exists()
+
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                        '{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}\n')
+    result = run_cli("train_sft.py", sft_args(workspace, tmp_path / "out2", f"--data.train_files={bad_data}",
+                                              "--train.max_steps=1"))
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: {bad_data}:2:"), last_line
+    assert not (tmp_path / "out2" / "final").exists()
