@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None):
     config = load_config(argv, data_class=PretrainDataConfig)
     run = distributed.init_distributed(config.distributed, config.train.device)
     tokenizer = load_tokenizer(config)
-    model = build_model(config, tokenizer)
+    model = build_model(config, tokenizer, on_meta=run.distributed and not run.is_main)
     configure_trainable(model, config)
 
     data = config.data

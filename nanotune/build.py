@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_pretrained
+from .checkpoint import load_pretrained, read_config
 from .config import RunConfig
 from .model import Llama, LlamaConfig
 from .tokenizer import Tokenizer, TokenizerError
@@ -32,15 +32,23 @@ def load_tokenizer(config: RunConfig) -> Tokenizer:
     return Tokenizer.from_file(path)
 
 
-def build_model(config: RunConfig, tokenizer: Tokenizer) -> Llama:
+def build_model(config: RunConfig, tokenizer: Tokenizer, on_meta: bool = False) -> Llama:
     """Load `model.path`, or create a model of the configured shape; then fit the vocabulary.
 
     A tokenizer with more pieces than the model's embedding (a merged Chinese vocabulary) grows
     `embed_tokens` and `lm_head`; the model folder's own tokenizer, if it has one, spells the new
     pieces so their rows start from the mean of their old sub-tokens.
+
+    `on_meta`: build only the shapes, no weights. Ranks other than 0 of a distributed run do this;
+    after sharding, rank 0's weights are broadcast into their shards, so no rank but one ever
+    holds a full copy of the model in memory (`distributed.broadcast_weights_from_rank0`).
     """
     dtype = DTYPES[config.model.dtype]
-    if config.model.path:
+    if config.model.path and on_meta:
+        with torch.device("meta"):
+            model = Llama(read_config(config.model.path)).to(dtype)
+        old_tokenizer = _tokenizer_beside(config.model.path)
+    elif config.model.path:
         model = load_pretrained(config.model.path, dtype=dtype)
         old_tokenizer = _tokenizer_beside(config.model.path)
     else:
@@ -59,8 +67,12 @@ def build_model(config: RunConfig, tokenizer: Tokenizer) -> Llama:
             eos_token_id=tokenizer.eos_id,
             pad_token_id=None,
         )
-        model = Llama(llama_config)
-        model.init_weights(seed=config.seed)
+        if on_meta:
+            with torch.device("meta"):
+                model = Llama(llama_config)
+        else:
+            model = Llama(llama_config)
+            model.init_weights(seed=config.seed)
         model.to(dtype)
         old_tokenizer = None
     added = resize_token_embeddings(model, tokenizer, old_tokenizer)

@@ -131,6 +131,19 @@ def shard_model(model: nn.Module, run: Run, config: DistributedConfig) -> nn.Mod
     return model
 
 
+def broadcast_weights_from_rank0(model: nn.Module, full_state: dict | None, run: Run) -> None:
+    """Fill every rank's shards from rank 0's full state dict (the other ranks built on meta).
+
+    Parameters are first given (uninitialised) storage for their local shard only; then rank 0
+    sends each tensor and every rank keeps its slice.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=run.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state if run.is_main else {}, options=options)
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

@@ -80,7 +80,10 @@ def train(
     trainable_only = any(not p.requires_grad for p in model.parameters())
     apply_block_options(model, config.train.activation_checkpointing, config.train.compile)
     if run.distributed:
+        full_state = model.state_dict() if run.is_main else None  # the other ranks hold only shapes
         distributed.shard_model(model, run, config.distributed)
+        distributed.broadcast_weights_from_rank0(model, full_state, run)
+        del full_state
     model.to(run.device)
     optimizer = build_optimizer(model, config.optim, run.device.type)
     trained_parameters = [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,257 @@
+"""Text generation with a pre-allocated KV cache: greedy, or sampled with temperature, top-k, top-p
+and a repetition penalty; one prompt at a time or a left-padded batch.
+
+How a token is made (the gpt-fast recipe, in plain PyTorch):
+
+1. Allocate one `KVCache` for prompt + `max_new_tokens` tokens, before the first forward, so
+   nothing is concatenated or re-allocated while decoding.
+2. Prefill: one forward over the whole prompt fills the cache and gives the logits of the first
+   new token.
+3. Decode: one forward per new token, of that token alone (T = 1), attending to everything cached.
+   Without the cache every step would run the whole sequence again (`decode_without_cache`, the
+   slow reference the tests hold the fast path to).
+
+The logits of each step become a token in the order `transformers` uses, so the same settings
+mean the same thing here and there:
+
+    repetition penalty -> greedy: argmax
+                       -> sampling: / temperature -> top-k -> top-p -> softmax -> multinomial
+
+`temperature == 0` means greedy; top-k and top-p are then ignored (as with HF's do_sample=False).
+
+Batches are LEFT padded: every prompt then ends in the last column, so the next token of every row
+is read from the same place and every row appends its new token to the same cache slot. The
+padding is hidden from attention (`KVCache.set_padding`) and positions count real tokens only, so
+a row's tokens come out the same as when it is generated alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import KVCache, Llama
+
+
+def generate(
+    model: Llama,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """The new tokens that follow `prompt_ids` (the prompt itself is not returned).
+
+    Stops after `max_new_tokens`, or at the first token in `eos_id` (one id or a list, e.g.
+    LLaMA-3's end-of-turn and end-of-text); that token is kept as the last one returned, as
+    `transformers` does, so a caller can tell a finished answer from one cut off by the limit
+    (`Tokenizer.decode` leaves it out of the text anyway).
+
+    Sampling draws from `generator` (a `torch.Generator` on the model's device), so the same
+    seed gives the same tokens; None uses the global RNG.
+    """
+    return generate_batch(
+        model, [prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, eos_id=eos_id, generator=generator,
+    )[0]
+
+
+def generate_batch(
+    model: Llama,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """`generate` for several prompts at once, left-padded with `pad_id`; one list of new tokens each.
+
+    Each row stops at its own EOS (finished rows keep riding along, fed `pad_id`, until every row
+    is done or the limit is reached). Greedy output equals generating each prompt alone; sampled
+    output does not, because the rows share one random stream.
+
+    Runs under `torch.inference_mode` with the model in eval mode (its previous mode is restored),
+    on the model's device and dtype.
+    """
+    check_sampling_options(temperature, top_k, top_p, repetition_penalty)
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: generation needs at least one token (usually BOS)")
+    if not prompts:
+        return []
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return _generate_batch(
+                model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                _stop_ids(eos_id), generator, pad_id,
+            )
+    finally:
+        model.train(was_training)
+
+
+def _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                    stop_ids, generator, pad_id) -> list[list[int]]:
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    B = len(prompts)
+    input_ids, attention_mask = left_pad(prompts, pad_id, device)  # (B, T) each
+    T = input_ids.shape[1]
+    # A row's positions count its real tokens only: padding to the left does not move them.
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+
+    cache = KVCache(model.config, B, T + max_new_tokens, device=device, dtype=dtype)
+    cache.set_padding(attention_mask)
+    logits = model(input_ids, position_ids=position_ids, kv_cache=cache)[:, -1]  # (B, V) prefill
+    next_position = position_ids[:, -1:] + 1  # (B, 1)
+
+    seen = None  # (B, V) bool: tokens of prompt + output, for the repetition penalty
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
+        rows, columns = attention_mask.nonzero(as_tuple=True)
+        seen[rows, input_ids[rows, columns]] = True  # real prompt tokens only, never the padding
+
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        token = choose_next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)  # (B,)
+        token = token.masked_fill(finished, pad_id)
+        new_tokens.append(token)
+        if seen is not None:
+            seen[torch.arange(B, device=device), token] = True
+        finished |= torch.isin(token, stop)
+        # One host sync per token, to stop as soon as every row is done.
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        logits = model(token[:, None], position_ids=next_position, kv_cache=cache)[:, -1]  # (B, V)
+        next_position = next_position + 1
+
+    outputs = torch.stack(new_tokens, dim=1).tolist()  # (B, n) -> lists
+    return [_cut_after_stop(row, set(stop_ids)) for row in outputs]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids (B, T) with each prompt right-aligned, and attention_mask (B, T): 1 real, 0 pad."""
+    T = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, T - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, T - len(prompt):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def choose_next_token(
+    logits: torch.Tensor,
+    seen: torch.Tensor | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """logits (B, V) of the next position -> the chosen token ids (B,), in transformers' order."""
+    logits = logits.float()  # (B, V); bf16 logits would make near-ties and probabilities coarse
+    if repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = apply_top_k(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = apply_top_p(logits, top_p)
+    probabilities = logits.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probabilities, num_samples=1, generator=generator).squeeze(1)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019), as HF applies it: for tokens already seen, positive
+    logits are divided by `penalty` and negative ones multiplied by it.
+
+    Dividing a negative logit would *raise* it, so the sign decides; either way a penalty > 1
+    makes a seen token less likely. logits (B, V), seen (B, V) bool.
+    """
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the `top_k` largest logits of each row (and any tied with the k-th); -inf elsewhere."""
+    top_k = min(top_k, logits.shape[-1])
+    kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2019): keep the smallest set of most likely tokens whose
+    probabilities add up to at least `top_p`; -inf elsewhere. The most likely token always stays.
+
+    Written as HF writes it: sort ascending and drop the tokens whose running total is still
+    <= 1 - top_p, which is the same set, with the same tie-breaking at the boundary.
+    """
+    sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=False)  # (B, V)
+    running_total = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    drop_sorted = running_total <= (1 - top_p)
+    drop_sorted[:, -1] = False  # the most likely token
+    drop = drop_sorted.scatter(1, sorted_index, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def check_sampling_options(temperature, top_k, top_p, repetition_penalty) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), not {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, not {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, not {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), not {repetition_penalty}")
+
+
+def _stop_ids(eos_id: int | list[int] | None) -> list[int]:
+    if eos_id is None:
+        return []
+    if isinstance(eos_id, (list, tuple, set)):
+        return [int(i) for i in eos_id]
+    return [int(eos_id)]
+
+
+def _cut_after_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+def decode_without_cache(model: Llama, prompt_ids: list[int], max_new_tokens: int, eos_id=None) -> list[int]:
+    """Greedy decoding the slow, obviously correct way: the whole sequence through the model for
+    every new token, no cache. The reference `generate` is tested against."""
+    stop_ids = set(_stop_ids(eos_id))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    tokens, new_tokens = list(prompt_ids), []
+    try:
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                logits = model(torch.tensor([tokens], device=device))[0, -1]  # (V,)
+                token = int(logits.float().argmax())
+                tokens.append(token)
+                new_tokens.append(token)
+                if token in stop_ids:
+                    break
+    finally:
+        model.train(was_training)
+    return new_tokens
