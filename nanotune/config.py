@@ -145,6 +145,7 @@ class CheckpointConfig:
     every_steps: int = 0  # 0 = only the final model
     keep_last: int = 2
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    overwrite: bool = False  # start over in an output_dir that holds an earlier run's checkpoints
     save_final: bool = True
     final_dtype: str = ""  # dtype of the exported model; empty = as trained
     max_shard_size: str = "5GB"

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import generation_config_text, model_config_dict, write_hf_checkpoint
-from .config import RunConfig, save_config, to_toml
+from .config import ConfigError, RunConfig, save_config, to_toml
 from .data.sampler import GlobalBatchSampler
 from .distributed import Run
 from .model import IGNORE_INDEX, Llama
@@ -366,6 +366,19 @@ def count_unique(model: nn.Module) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: everything needed to continue exactly where a run stopped
 # ----------------------------------------------------------------------------------------------
+
+
+def check_output_dir(output_dir: Path, config: RunConfig) -> None:
+    """Refuse to mix two runs' checkpoints in one folder, unless told to resume or to start over."""
+    earlier = checkpoint_folders(output_dir)
+    if not earlier or config.checkpoint.resume:
+        return
+    if not config.checkpoint.overwrite:
+        raise ConfigError(
+            f"{output_dir}: holds checkpoints of an earlier run ({earlier[-1].name}); pass "
+            f"--checkpoint.resume=true to continue it or --checkpoint.overwrite=true to start over"
+        )
+    shutil.rmtree(output_dir / CHECKPOINTS)
 
 
 def checkpoint_folders(output_dir: Path) -> list[Path]:

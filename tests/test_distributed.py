@@ -130,3 +130,18 @@ def test_killed_on_two_ranks_and_resumed_from_sharded_checkpoint_ends_like_an_un
     torchrun("train_pt.py", pt_args(workspace, run_dir, *common))
     assert losses(run_dir) == losses(tmp_path / "straight")
     assert_same_weights(final_weights(run_dir), final_weights(tmp_path / "straight"), atol=1e-6)
+
+
+def test_fsdp_lora_trains_only_the_adapter_like_one_process(workspace, pretrain_runs, tmp_path):
+    from nanotune.lora import read_adapter_tensors
+
+    lora = (f"--model.path={pretrain_runs / 'single' / 'final'}", "--lora.r=4", "--lora.alpha=8",
+            "--lora.targets=all-linear", "--lora.dropout=0", "--train.max_steps=3", "--optim.lr=1e-2")
+    torchrun("train_sft.py", sft_args(workspace, tmp_path / "fsdp", "--train.batch_size=2", "--train.grad_accum=2",
+                                      *lora))
+    train_sft.main(sft_args(workspace, tmp_path / "single", "--train.batch_size=8", *lora))
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+    sharded, single = read_adapter_tensors(tmp_path / "fsdp" / "final"), read_adapter_tensors(tmp_path / "single" / "final")
+    assert sharded.keys() == single.keys() and any("lora_B" in k for k in single)
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], atol=1e-5, rtol=0, msg=name)

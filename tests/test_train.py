@@ -228,3 +228,65 @@ def test_bad_config_and_bad_data_fail_with_one_clear_line_and_write_nothing(work
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"error: {bad_data}:2:"), last_line
     assert not (tmp_path / "out2" / "final").exists()
+
+
+def test_lora_training_changes_only_adapters_loss_falls_and_resume_is_exact(workspace, tmp_path):
+    from nanotune.checkpoint import load_pretrained
+    from nanotune.lora import load_adapter, read_adapter_tensors
+
+    train_pt.main(pt_args(workspace, tmp_path / "base", "--train.batch_size=4", "--train.max_steps=2"))
+    base = tmp_path / "base" / "final"
+    lora = (f"--model.path={base}", "--lora.r=8", "--lora.alpha=16", "--lora.dropout=0.1",
+            '--lora.targets=all-linear', "--train.batch_size=4", "--train.max_steps=12",
+            "--optim.lr=3e-2", "--checkpoint.every_steps=6", "--checkpoint.resume=true", "--log.every_steps=1")
+    trained = {}
+    original_train = train_sft.train
+
+    def capture(config, run, model, *args, **kwargs):
+        result = original_train(config, run, model, *args, **kwargs)
+        trained.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return result
+
+    train_sft.train = capture
+    try:
+        train_sft.main(sft_args(workspace, tmp_path / "straight", *lora))
+    finally:
+        train_sft.train = original_train
+    base_state = load_pretrained(base).state_dict()
+    for name, value in trained.items():
+        if ".lora_" in name:
+            continue
+        assert torch.equal(value, base_state[name]), f"{name} changed"
+    curve = losses(tmp_path / "straight")
+    straight = tmp_path / "straight" / "final"
+    assert (straight / "adapter_config.json").exists() and not (straight / "model.safetensors").exists()
+    # The adapter checkpoint holds only what trains.
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(tmp_path / "straight" / "checkpoints" / "step_6" / "state")).read_metadata()
+    model_keys = [k for k in metadata.state_dict_metadata if k.startswith("model.")]
+    assert model_keys and all(".lora_" in k for k in model_keys), model_keys
+
+    # Resume: a second run to step 12, then as if it had died after its step-6 checkpoint, resumed.
+    resumed = tmp_path / "resumed"
+    train_sft.main(sft_args(workspace, resumed, *lora))
+    import shutil
+
+    shutil.rmtree(resumed / "final")
+    assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step_6"]
+    train_sft.main(sft_args(workspace, resumed, *lora))
+    a, b = read_adapter_tensors(straight), read_adapter_tensors(resumed / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(resumed) == curve
+    # The loss on the training conversations falls: the base alone versus the base with the adapter.
+    from nanotune.data.formats import read_conversations
+    from nanotune.evaluate import conversation_loss
+    from nanotune.tokenizer import Tokenizer
+
+    tokenizer, conversations = Tokenizer.from_file(workspace["tokenizer"]), read_conversations(workspace["chat"])
+    before = conversation_loss(load_pretrained(base), tokenizer, conversations, "chatml", progress=False)["loss"]
+    adapted = load_adapter(load_pretrained(base), straight)
+    after = conversation_loss(adapted, tokenizer, conversations, "chatml", progress=False)["loss"]
+    assert after < before - 0.05, (before, after)
+    assert torch.equal(adapted.model.layers[0].self_attn.q_proj.lora_B.weight,
+                       trained["model.layers.0.self_attn.q_proj.lora_B.weight"])
