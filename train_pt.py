@@ -14,27 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from nanotune import distributed
-from nanotune.build import build_model, configure_trainable, load_tokenizer
+from nanotune.build import start_run
 from nanotune.cli import run_main, setup_logging
-from nanotune.config import ConfigError, PretrainDataConfig, load_config
+from nanotune.config import PretrainDataConfig
 from nanotune.data.pretrain import build_pretrain_datasets, collate_blocks
-from nanotune.train import check_output_dir, seed_everything, train
+from nanotune.train import train
 
 
 def main(argv: list[str] | None = None):
     setup_logging()
-    config = load_config(argv, data_class=PretrainDataConfig)
-    run = distributed.init_distributed(config.distributed, config.train.device)
-    if run.is_main:
-        check_output_dir(Path(config.output_dir), config)  # before any work: never mix two runs
-    seed_everything(config.seed, rank=0)  # the same initial weights (and LoRA init) on every run
-    tokenizer = load_tokenizer(config)
-    model = build_model(config, tokenizer, on_meta=run.distributed and not run.is_main)
-    configure_trainable(model, config)
-
+    config, run, tokenizer, model = start_run(argv, PretrainDataConfig)
     data = config.data
-    if not data.train_files:
-        raise ConfigError("data.train_files is empty: give the corpus files (paths or globs)")
 
     def build_datasets():
         return build_pretrain_datasets(

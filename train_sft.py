@@ -10,34 +10,22 @@ packed several to a row with `data.packing = true`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from nanotune import distributed
-from nanotune.build import build_model, configure_trainable, load_tokenizer
+from nanotune.build import start_run
 from nanotune.cli import run_main, setup_logging
-from nanotune.config import ConfigError, SFTDataConfig, load_config
+from nanotune.config import SFTDataConfig
 from nanotune.data.pretrain import collate_blocks
 from nanotune.data.sft import PackedSFTDataset, PaddingCollator, SFTDataset, build_sft_dataset
 from nanotune.data.templates import get_template
-from nanotune.train import check_output_dir, seed_everything, train
+from nanotune.train import train
 
 
 def main(argv: list[str] | None = None):
     setup_logging()
-    config = load_config(argv, data_class=SFTDataConfig)
-    run = distributed.init_distributed(config.distributed, config.train.device)
-    if run.is_main:
-        check_output_dir(Path(config.output_dir), config)  # before any work: never mix two runs
-    seed_everything(config.seed, rank=0)  # the same initial weights (and LoRA init) on every run
-    tokenizer = load_tokenizer(config)
-    model = build_model(config, tokenizer, on_meta=run.distributed and not run.is_main)
-    configure_trainable(model, config)
-
+    config, run, tokenizer, model = start_run(argv, SFTDataConfig)
     data = config.data
-    if not data.train_files:
-        raise ConfigError("data.train_files is empty: give the conversation files (paths or globs)")
     template = get_template(data.template)
 
     def encode(files):

@@ -1,8 +1,9 @@
 """Turning the [model], [tokenizer], [train] and [lora] sections into a ready-to-train model.
 
-Both entry points (`train_pt.py`, `train_sft.py`) call these, in this order:
-`load_tokenizer` -> `build_model` (load or create, grow the vocabulary) -> `select_trainable`
-(or LoRA) -> the loop, which then applies activation checkpointing, compilation and FSDP.
+Both entry points (`train_pt.py`, `train_sft.py`) start with `start_run`, which calls these in
+order: `load_tokenizer` -> `build_model` (load or create, grow the vocabulary) ->
+`configure_trainable` (what trains, or LoRA). The loop then applies activation checkpointing,
+compilation and FSDP.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch
 from torch import nn
 
 from .checkpoint import load_pretrained, read_config
-from .config import RunConfig
+from . import distributed
+from .config import ConfigError, RunConfig, load_config
+from .distributed import Run
 from .model import Llama, LlamaConfig
 from .tokenizer import Tokenizer, TokenizerError
 from .vocab import resize_token_embeddings
@@ -23,6 +26,24 @@ from .vocab import resize_token_embeddings
 log = logging.getLogger("nanotune")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def start_run(argv: list[str] | None, data_class: type) -> tuple[RunConfig, Run, Tokenizer, Llama]:
+    """What both entry points do first: config, process group, a check of the output folder, seeds,
+    tokenizer, model and what trains. Cheap checks come first, so a mistake costs no waiting."""
+    from .train import check_output_dir, seed_everything
+
+    config = load_config(argv, data_class=data_class)
+    if not config.data.train_files:
+        raise ConfigError("data.train_files is empty: give the training files (paths or globs)")
+    run = distributed.init_distributed(config.distributed, config.train.device)
+    if run.is_main:
+        check_output_dir(Path(config.output_dir), config)  # never mix two runs in one folder
+    seed_everything(config.seed, rank=0)  # the same initial weights (and LoRA init) on every run
+    tokenizer = load_tokenizer(config)
+    model = build_model(config, tokenizer, on_meta=run.distributed and not run.is_main)
+    configure_trainable(model, config)
+    return config, run, tokenizer, model
 
 
 def load_tokenizer(config: RunConfig) -> Tokenizer:

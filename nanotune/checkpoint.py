@@ -156,7 +156,14 @@ def load_pretrained(
             loaded.add(name)
         model.load_state_dict(shard, strict=False, assign=True)
         del shard
-    missing = sorted(set(expected) - loaded)
+    raise_on_mismatch(path, sorted(set(expected) - loaded), unexpected, wrong_shape)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def raise_on_mismatch(path, missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> None:
+    """One error listing every missing, unexpected and mis-shaped tensor, or nothing if all is well."""
     problems = []
     if missing:
         problems.append(f"missing tensors: {', '.join(missing)}")
@@ -166,9 +173,6 @@ def load_pretrained(
         problems.append(f"shape mismatches: {'; '.join(wrong_shape)}")
     if problems:
         raise CheckpointError(f"{path}: " + " | ".join(problems))
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,11 +33,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, iter_file_tensors, raise_on_mismatch
 from .data.records import DataError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -152,19 +151,9 @@ def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
 def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of an adapter folder under PEFT's names (`base_model.model....lora_A.weight`)."""
     path = Path(path)
-    if (path / ADAPTER_WEIGHTS).exists():
-        file = path / ADAPTER_WEIGHTS
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                return {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as error:
-            raise CheckpointError(f"{file}: cannot read safetensors file ({error})") from None
-    if (path / ADAPTER_WEIGHTS_BIN).exists():
-        file = path / ADAPTER_WEIGHTS_BIN
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise CheckpointError(f"{file}: cannot read PyTorch weights file ({error})") from None
+    for name in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN):
+        if (path / name).exists():
+            return dict(iter_file_tensors(path / name))
     raise CheckpointError(f"{path}: no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN} in this folder")
 
 
@@ -493,15 +482,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         f"{name}: {tuple(tensors[name].shape)} in the file, model needs {tuple(p.shape)}"
         for name, p in parameters.items() if name in tensors and tensors[name].shape != p.shape
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
-    if wrong_shape:
-        problems.append(f"shape mismatches: {'; '.join(wrong_shape)}")
-    if problems:
-        raise CheckpointError(f"{path}: " + " | ".join(problems))
+    raise_on_mismatch(path, missing, unexpected, wrong_shape)
     for name, parameter in parameters.items():
         if _is_sharded(parameter):
             raise ValueError("load the adapter before fully_shard: the model's parameters are already sharded")

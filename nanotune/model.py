@@ -486,6 +486,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     (the two matmuls the backward would have done), and the chunk's logits are dropped. Peak extra
     memory is one chunk of logits instead of all (B, T, V) of them in fp32, and nothing is
     recomputed. backward only scales the stored gradients by the incoming scalar.
+
+    Passes over the (n, V) chunk are what cost here besides the three matmuls, so they are
+    counted: max, subtract in place, exp in place, sum, scale in place (five), where
+    `torch.logsumexp` followed by a softmax took eight and two allocations of (n, V). Small chunks
+    (256 tokens: 32 MB of fp32 logits at V = 32000) stay in cache between those passes; measured
+    in `benchmarks/train_step.py`.
     """
 
     @staticmethod
@@ -496,45 +502,84 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         N = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+        grad_weight = None  # (V, C) fp32; the first chunk's matmul creates it (no 65 MB zero fill)
         for start in range(0, N, chunk_size):
             h = hidden[start : start + chunk_size]  # (n, C)
             y = labels[start : start + chunk_size]  # (n,)
-            logits = (h @ weight.t()).float()  # (n, V)
-            is_target = y != IGNORE_INDEX
+            is_target = y != IGNORE_INDEX  # (n,)
             safe_y = y.clamp(min=0)
-            log_normaliser = torch.logsumexp(logits, dim=-1)  # (n,)
-            target_logit = logits.gather(1, safe_y[:, None]).squeeze(1)  # (n,)
+            logits = (h @ weight.t()).float()  # (n, V)
+            target_logit = logits.gather(1, safe_y[:, None]).squeeze(1)  # (n,), before logits are overwritten
+            row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            exp = logits.sub_(row_max).exp_()  # (n, V), in place: the softmax numerators
+            row_sum = exp.sum(dim=-1)  # (n,)
+            log_normaliser = row_max.squeeze(1) + row_sum.log()  # (n,) = logsumexp of the logits
             total += ((log_normaliser - target_logit) * is_target).sum()
-            if need_hidden_grad or need_weight_grad:
-                d_logits = logits.sub_(log_normaliser[:, None]).exp_()  # softmax, in place (n, V)
-                d_logits[torch.arange(len(y), device=y.device), safe_y] -= 1.0  # minus one-hot
-                d_logits *= is_target[:, None]
-                d_logits = d_logits.to(h.dtype)
-                if need_hidden_grad:
-                    grad_hidden[start : start + chunk_size] = d_logits @ weight  # (n, C)
-                if need_weight_grad:
-                    grad_weight += (d_logits.t() @ h).float()  # (V, C)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+            if not (need_hidden_grad or need_weight_grad):
+                continue
+            # d loss / d logits = softmax - one_hot(target); rows without a target get zero.
+            d_logits = exp.mul_((is_target / row_sum)[:, None])  # (n, V) softmax, 0 on ignored rows
+            d_logits[torch.arange(len(y), device=y.device), safe_y] -= is_target.to(d_logits.dtype)
+            d_logits = d_logits.to(h.dtype)
+            if need_hidden_grad:
+                torch.mm(d_logits, weight, out=grad_hidden[start : start + chunk_size])  # (n, C)
+            if need_weight_grad:
+                grad_weight = _accumulate_weight_grad(grad_weight, d_logits, h)  # (V, C)
+        if need_weight_grad and grad_weight is None:  # no token at all
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # Kept on ctx (not save_for_backward) so that backward may scale them in place.
+        ctx.grads = (grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy_sum: backward may run only once (retain_graph is not supported)")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None  # scaled in place below: a second backward would scale them twice
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+            grad_hidden = grad_hidden.mul_(grad_total.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+            grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+def _accumulate_weight_grad(grad_weight, d_logits, h):
+    """grad_weight (V, C) fp32 += d_logits.T @ h; in fp32 the sum happens inside the matmul (addmm_),
+    which saves writing and re-reading a (V, C) temporary per chunk."""
+    if grad_weight is None:
+        return (d_logits.t() @ h).float()
+    if d_logits.dtype == grad_weight.dtype:
+        return grad_weight.addmm_(d_logits.t(), h)
+    return grad_weight.add_((d_logits.t() @ h).float())
+
+
+def target_rows_only(hidden: torch.Tensor, labels: torch.Tensor):
+    """hidden (N, C), labels (N,) -> only the rows that have a target.
+
+    An SFT batch trains only the replies: the prompt and the padding (often half the tokens or
+    more) carry label -100 and need no lm_head row, which is the largest matmul of a small model.
+    Dropping them first makes the loss cost scale with target tokens, not tokens. Selecting rows
+    needs their count on the host: free on the CPU, a device sync on CUDA, so the caller uses this
+    on the CPU only. The gradient of the dropped rows is zero (autograd's index_select backward).
+    """
+    is_target = labels != IGNORE_INDEX  # (N,)
+    keep = is_target.nonzero().squeeze(1)  # (n,)
+    if len(keep) == len(labels):
+        return hidden, labels
+    return hidden.index_select(0, keep), labels.index_select(0, keep)
 
 
 def linear_cross_entropy_sum(hidden, weight, labels, chunk_size: int = 1024) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T` against `labels` (-100 = ignored), chunked."""
     C = hidden.shape[-1]
+    hidden, labels = hidden.reshape(-1, C), labels.reshape(-1)  # (N, C), (N,)
+    if hidden.device.type == "cpu":
+        hidden, labels = target_rows_only(hidden, labels)
     # Inside an autograd.Function's forward grad mode is always off: decide here whether to make grads.
     grad_enabled = torch.is_grad_enabled()
-    return _LinearCrossEntropySum.apply(hidden.reshape(-1, C), weight, labels.reshape(-1), chunk_size, grad_enabled)
+    return _LinearCrossEntropySum.apply(hidden, weight, labels, chunk_size, grad_enabled)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import corpus_lines, train_sentencepiece
-from safetensors.torch import load_file
 from test_train import assert_same_weights, final_weights, losses, pt_args, sft_args
 
 import train_pt

@@ -16,12 +16,12 @@ import sentencepiece as spm
 import torch
 
 from helpers import tiny_model, train_sentencepiece
+from nanotune.data.pretrain import collate_blocks
 from nanotune.data.sft import (
     IGNORE_INDEX,
     PackedSFTDataset,
     PaddingCollator,
     build_sft_dataset,
-    collate_packed,
     encode_conversation,
     encode_conversation_with_outcome,
     encode_prompt,
@@ -360,7 +360,7 @@ def test_packed_loss_equals_padded_loss_through_llama(tokenizer):
     samples = some_samples(tokenizer)
     model = tiny_model(seed=0, vocab_size=tokenizer.vocab_size).eval()
     padded = PaddingCollator(pad_id=tokenizer.pad_id)(samples)
-    packed = collate_packed(PackedSFTDataset(samples, seq_len=256, pad_id=tokenizer.pad_id))
+    packed = collate_blocks(PackedSFTDataset(samples, seq_len=256, pad_id=tokenizer.pad_id))
     assert packed["input_ids"].shape[0] < len(samples)  # several conversations really share a row
     assert int((packed["labels"] != IGNORE_INDEX).sum()) == int((padded["labels"] != IGNORE_INDEX).sum())
     with torch.no_grad():

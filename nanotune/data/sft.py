@@ -450,8 +450,3 @@ class PackedSFTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return make_packed_block([self.samples[i] for i in self.bins[index]], self.seq_len, self.pad_id)
-
-
-def collate_packed(blocks: list[dict]) -> dict:
-    """Packed blocks -> dict of (B, seq_len) LongTensors: input_ids, labels, position_ids, document_ids."""
-    return {key: torch.stack([block[key] for block in blocks]) for key in blocks[0]}
