@@ -129,7 +129,7 @@ def select_trainable(model: nn.Module, trainable: list[str], freeze_bottom_fract
         patterns = trainable
         for pattern in patterns:
             if not fnmatch.filter(names, pattern):
-                raise ValueError(f"train.trainable: pattern {pattern!r} matches no parameter (e.g. {names[0]!r})")
+                raise ConfigError(f"train.trainable: pattern {pattern!r} matches no parameter (e.g. {names[0]!r})")
     for name, param in model.named_parameters():
         param.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
     n_frozen_layers = int(freeze_bottom_fraction * len(model.model.layers))
@@ -156,11 +156,14 @@ def configure_trainable(model: Llama, config: RunConfig) -> tuple[int, int]:
         from .lora import apply_lora
 
         targets = config.lora.targets
-        apply_lora(
-            model, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
-            targets="all-linear" if targets == ["all-linear"] else targets,
-            modules_to_save=config.lora.modules_to_save,
-        )
+        try:
+            apply_lora(
+                model, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                targets="all-linear" if targets == ["all-linear"] else targets,
+                modules_to_save=config.lora.modules_to_save,
+            )
+        except ValueError as error:  # an unknown target or module name: a config mistake
+            raise ConfigError(f"[lora]: {error}") from None
         trainable, total = count_parameters(model)
     else:
         trainable, total = select_trainable(model, config.train.trainable, config.train.freeze_bottom_fraction)

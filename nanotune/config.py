@@ -367,8 +367,14 @@ def validate(config: RunConfig) -> None:
     data = config.data
     check(0.0 <= data.valid_fraction < 1.0, "data.valid_fraction must be in [0, 1)")
     if isinstance(data, SFTDataConfig):
+        from .data.formats import READERS
+        from .data.templates import TEMPLATES
+
         check(data.truncation in ("drop", "truncate", "truncate_left"),
               f"data.truncation must be drop, truncate or truncate_left, not {data.truncation!r}")
+        check(data.template in TEMPLATES, f"data.template {data.template!r} is not one of {', '.join(TEMPLATES)}")
+        check(data.format == "auto" or data.format in READERS,
+              f"data.format {data.format!r} is not auto or one of {', '.join(READERS)}")
     else:
         check(data.txt_mode in ("line", "paragraph"), f"data.txt_mode must be line or paragraph, not {data.txt_mode!r}")
 

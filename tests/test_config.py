@@ -65,3 +65,10 @@ def test_saved_config_reads_back_equal(tmp_path):
     path = save_config(config, tmp_path)
     again = load_config(["--config", str(path)], data_class=SFTDataConfig)
     assert again == config
+
+
+def test_unknown_template_or_format_fails_at_start_up():
+    with pytest.raises(ConfigError, match="data.template 'llama4' is not one of llama2, llama3, chatml"):
+        load_config(["--data.template=llama4"], data_class=SFTDataConfig)
+    with pytest.raises(ConfigError, match="data.format 'csv' is not auto or one of messages"):
+        load_config(["--data.format=csv"], data_class=SFTDataConfig)
