@@ -37,6 +37,12 @@ def start_run(argv: list[str] | None, data_class: type) -> tuple[RunConfig, Run,
     if not config.data.train_files:
         raise ConfigError("data.train_files is empty: give the training files (paths or globs)")
     run = distributed.init_distributed(config.distributed, config.train.device)
+    if config.distributed.cpu_offload and run.distributed and run.device.type != "cuda":
+        raise ConfigError(
+            f"distributed.cpu_offload = true needs GPUs (this run's device is {run.device.type}): offloading "
+            "moves sharded state from GPU memory to CPU memory, and on the CPU it is there already; "
+            "set distributed.cpu_offload = false"
+        )
     if run.is_main:
         check_output_dir(Path(config.output_dir), config)  # never mix two runs in one folder
     seed_everything(config.seed, rank=0)  # the same initial weights (and LoRA init) on every run

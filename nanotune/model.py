@@ -240,6 +240,11 @@ class AttentionPlan:
                 padding, or packed rows when spans are not wanted).
       "flex"    packed rows on CUDA: `flex_attention` with a block mask that skips whole tiles
                 between documents.
+
+    "auto" picks flex on CUDA and spans on the CPU, except when the blocks are compiled
+    (`train.compile`): the span boundaries are Python integers, which `torch.compile` bakes into
+    the graph as constants, so every new packing would recompile the block. A mask is a tensor
+    of a fixed shape instead, and one compiled graph serves every batch.
     """
 
     kind: str
@@ -271,14 +276,21 @@ def block_diagonal_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 def make_attention_plan(
-    document_ids: torch.Tensor | None, kv_cache: "KVCache | None", T: int, packed_attention: str
+    document_ids: torch.Tensor | None,
+    kv_cache: "KVCache | None",
+    T: int,
+    packed_attention: str,
+    blocks_compiled: bool = False,
 ) -> AttentionPlan:
     if kv_cache is not None:
         return kv_cache.attention_plan(T)
     if document_ids is None:
         return AttentionPlan("causal")
     if packed_attention == "auto":
-        packed_attention = "flex" if document_ids.is_cuda and _flex_available() else "spans"
+        if document_ids.is_cuda and _flex_available():
+            packed_attention = "flex"
+        else:
+            packed_attention = "mask" if blocks_compiled else "spans"  # see AttentionPlan
     if packed_attention == "spans":
         return AttentionPlan("spans", spans=document_spans(document_ids))
     if packed_attention == "mask":
@@ -327,19 +339,29 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPla
     if plan.kind == "mask":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, enable_gqa=gqa)
     if plan.kind == "spans":
-        rows = []
-        for b, spans in enumerate(plan.spans):
-            pieces = [
-                F.scaled_dot_product_attention(
-                    q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], is_causal=True, enable_gqa=gqa
-                )
-                for s, e in spans
-            ]
-            rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
-        return torch.cat(rows, dim=0)
+        return attend_per_document(q, k, v, plan.spans, gqa)
     if plan.kind == "flex":
         return _flex_attention(q, k, v, plan.block_mask)
     raise ValueError(f"unknown attention plan {plan.kind!r}")
+
+
+def attend_per_document(q, k, v, spans: list[list[tuple[int, int]]], gqa: bool) -> torch.Tensor:
+    """Causal SDPA run on each document span of each row alone: q (B, H, T, D) -> (B, H, T, D).
+
+    The rows are taken apart with `unbind` and the documents with `split`, not by indexing
+    (q[b:b+1, :, s:e]): the backward of an index is a zero-filled tensor of q's full size per
+    piece, summed into q's gradient, which for 4 rows of 8 documents cost more than the attention
+    itself; the backward of split and unbind is one concatenation.
+    """
+    rows = []
+    for q_row, k_row, v_row, row_spans in zip(q.unbind(0), k.unbind(0), v.unbind(0), spans):  # (H, T, D) each
+        lengths = [end - start for start, end in row_spans]
+        pieces = [
+            F.scaled_dot_product_attention(q_doc[None], k_doc[None], v_doc[None], is_causal=True, enable_gqa=gqa)[0]
+            for q_doc, k_doc, v_doc in zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1))
+        ]  # (H, T_d, D) each
+        rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+    return torch.stack(rows)
 
 
 class KVCache:
@@ -489,14 +511,15 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
     Passes over the (n, V) chunk are what cost here besides the three matmuls, so they are
     counted: max, subtract in place, exp in place, sum, scale in place (five), where
-    `torch.logsumexp` followed by a softmax took eight and two allocations of (n, V). Small chunks
-    (256 tokens: 32 MB of fp32 logits at V = 32000) stay in cache between those passes; measured
-    in `benchmarks/train_step.py`.
+    `torch.logsumexp` followed by a softmax took eight and two allocations of (n, V). On 2 CPU
+    cores chunks of 1024 and 4096 tokens ran at the same speed and 256 or 512 a few percent slower
+    (more accumulations into the (V, C) weight gradient); 1024 tokens is 131 MB of fp32 logits at
+    V = 32000. Measured with `benchmarks/train_step.py --loss-chunk-tokens N`.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, grad_enabled):
-        # hidden (N, C), weight (V, C), labels (N,)
+    def forward(ctx, hidden, weight, labels, chunk_size, grad_enabled, workspace):
+        # hidden (N, C), weight (V, C), labels (N,); workspace None or (>= min(N, chunk_size), V) fp32
         need_hidden_grad = grad_enabled and hidden.requires_grad
         need_weight_grad = grad_enabled and weight.requires_grad
         N = hidden.shape[0]
@@ -508,7 +531,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             y = labels[start : start + chunk_size]  # (n,)
             is_target = y != IGNORE_INDEX  # (n,)
             safe_y = y.clamp(min=0)
-            logits = (h @ weight.t()).float()  # (n, V)
+            if workspace is None:
+                logits = (h @ weight.t()).float()  # (n, V)
+            elif h.dtype == torch.float32:
+                logits = torch.mm(h, weight.t(), out=workspace[: len(h)])  # (n, V)
+            else:
+                logits = workspace[: len(h)].copy_(h @ weight.t())  # (n, V)
             target_logit = logits.gather(1, safe_y[:, None]).squeeze(1)  # (n,), before logits are overwritten
             row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
             exp = logits.sub_(row_max).exp_()  # (n, V), in place: the softmax numerators
@@ -542,7 +570,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_hidden = grad_hidden.mul_(grad_total.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def _accumulate_weight_grad(grad_weight, d_logits, h):
@@ -571,15 +599,19 @@ def target_rows_only(hidden: torch.Tensor, labels: torch.Tensor):
     return hidden.index_select(0, keep), labels.index_select(0, keep)
 
 
-def linear_cross_entropy_sum(hidden, weight, labels, chunk_size: int = 1024) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T` against `labels` (-100 = ignored), chunked."""
+def linear_cross_entropy_sum(hidden, weight, labels, chunk_size: int = 1024, workspace=None) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `labels` (-100 = ignored), chunked.
+
+    `workspace`: None, or a fp32 tensor of at least (min(N, chunk_size), V) to hold each chunk's
+    logits (see `Llama.logits_workspace`); nothing in it outlives the call.
+    """
     C = hidden.shape[-1]
     hidden, labels = hidden.reshape(-1, C), labels.reshape(-1)  # (N, C), (N,)
     if hidden.device.type == "cpu":
         hidden, labels = target_rows_only(hidden, labels)
     # Inside an autograd.Function's forward grad mode is always off: decide here whether to make grads.
     grad_enabled = torch.is_grad_enabled()
-    return _LinearCrossEntropySum.apply(hidden, weight, labels, chunk_size, grad_enabled)
+    return _LinearCrossEntropySum.apply(hidden, weight, labels, chunk_size, grad_enabled, workspace)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -592,6 +624,8 @@ class Llama(nn.Module):
 
     Options set as attributes, read by `forward`:
       packed_attention  "auto" (flex on CUDA, per-document spans on the CPU), "spans", "mask", "flex"
+      blocks_compiled   set by `train.apply_block_options` when the blocks are torch.compiled:
+                        "auto" then uses a mask, not spans, on the CPU (see AttentionPlan)
       loss_chunk_tokens tokens per chunk of the fused lm_head + cross-entropy
       neftune_alpha     NEFTune: uniform noise of size alpha / sqrt(T * C) added to the input
                         embeddings in training mode (0 = off). Helps SFT generalise.
@@ -605,7 +639,9 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.packed_attention = "auto"
+        self.blocks_compiled = False
         self.loss_chunk_tokens = 1024
+        self._logits_workspace: torch.Tensor | None = None  # see logits_workspace
         self.neftune_alpha = 0.0
 
     def init_weights(self, seed: int | None = None) -> None:
@@ -639,7 +675,7 @@ class Llama(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = self._default_positions(B, T, document_ids, kv_cache, input_ids.device)
-        plan = make_attention_plan(document_ids, kv_cache, T, self.packed_attention)
+        plan = make_attention_plan(document_ids, kv_cache, T, self.packed_attention, self.blocks_compiled)
 
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         if self.training and self.neftune_alpha > 0:
@@ -657,7 +693,27 @@ class Llama(nn.Module):
 
         if labels is None:
             return self.lm_head(x)  # (B, T, V)
-        return linear_cross_entropy_sum(x, self.lm_head.weight, labels, self.loss_chunk_tokens)
+        chunk = self.loss_chunk_tokens
+        workspace = self.logits_workspace(min(chunk, B * T), x.device)
+        return linear_cross_entropy_sum(x, self.lm_head.weight, labels, chunk, workspace)
+
+    def logits_workspace(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        """A (rows, V) fp32 buffer for the loss's chunk of logits, kept from one step to the next.
+
+        What it saves is the operating system's work: a fresh (1024, 32000) fp32 tensor is a
+        fresh 131 MB mmap, and every page of it faults and is zeroed on first touch, ~80 ms per
+        step of the issue's shape on 2 CPU cores (about 4% of the step). One buffer pays that
+        once. CPU only: CUDA's caching allocator already reuses freed memory. The buffer is a
+        plain attribute, not a registered buffer: never saved, never moved by `.to()`.
+        """
+        if device.type != "cpu":
+            return None
+        workspace = self._logits_workspace
+        if workspace is None or workspace.shape[0] < rows or workspace.shape[1] != self.config.vocab_size:
+            workspace = None  # drop the old one before allocating the new one
+            self._logits_workspace = None
+            workspace = self._logits_workspace = torch.empty(rows, self.config.vocab_size, dtype=torch.float32)
+        return workspace
 
     @staticmethod
     def _default_positions(B, T, document_ids, kv_cache, device):

@@ -198,6 +198,7 @@ def apply_block_options(model: Llama, activation_checkpointing: bool, compile_bl
         block.checkpoint_activations = activation_checkpointing
         if compile_blocks:
             block.compile()
+    model.blocks_compiled = model.blocks_compiled or compile_blocks
 
 
 def mixed_precision(setting: str, run: Run):

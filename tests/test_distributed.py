@@ -81,6 +81,18 @@ def test_fsdp_sft_with_activation_checkpointing_equals_one_process(workspace, tm
     assert_same_weights(final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "single"), atol=1e-5)
 
 
+def test_cpu_offload_without_a_gpu_is_a_one_line_config_error(workspace, tmp_path):
+    """FSDP2's CPUOffloadPolicy moves shards between GPU and CPU memory; on a CPU-only run there is
+    nothing to offload, and torch would fail deep inside fully_shard. nanotune says so at start-up."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train_pt.py"), *pt_args(workspace, tmp_path / "offload", "--distributed.cpu_offload=true")]
+    result = subprocess.run(command, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "distributed.cpu_offload = true needs GPUs" in result.stderr
+    assert f'File "{ROOT}' not in result.stderr  # the ranks print one line; only torchrun's own traceback follows
+    assert not (tmp_path / "offload" / "final").exists()
+
+
 def test_fsdp_export_loads_in_transformers_with_the_unsharded_logits(pretrain_runs):
     import transformers
 

@@ -1,0 +1,240 @@
+"""What the performance benchmarks share: model shapes, the FLOP count, a measured matmul peak,
+memory readings, and a check that the machine is quiet enough to measure on.
+
+Figures from a shared machine are only worth printing with the load they were taken under, so
+every script prints `load_average()` next to its results; `wait_until_quiet` holds a run back
+until the 1-minute load falls below a threshold (other processes stealing a core make a step
+look slower, and the interleaved design of `train_step.py` only cancels slow drifts).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from nanotune.model import IGNORE_INDEX, Llama, LlamaConfig, positions_from_document_ids  # noqa: E402
+
+# Model shapes by name. "issue" is the shape the performance issue was measured on (51M
+# parameters, 34M of them in matmuls); "1b" is TinyLlama-1.1B's shape, for a GPU.
+PRESETS = {
+    "issue": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
+                  num_attention_heads=8, num_key_value_heads=4),
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def preset_config(name: str, seq_len: int) -> LlamaConfig:
+    if name not in PRESETS:
+        raise SystemExit(f"--preset must be one of {', '.join(PRESETS)}, not {name!r}")
+    return LlamaConfig(**PRESETS[name], max_position_embeddings=max(2048, seq_len), rms_norm_eps=1e-5)
+
+
+def nanotune_model(config: LlamaConfig, seed: int, dtype: torch.dtype, device: str) -> Llama:
+    """The nanotune model with seeded weights (HF's init), in `dtype` on `device`, in train mode."""
+    torch.manual_seed(seed)
+    model = Llama(config)
+    model.init_weights(seed)
+    return model.to(device=device, dtype=dtype).train()
+
+
+def transformers_model(config: LlamaConfig, state_dict: dict | None, dtype: torch.dtype, device: str):
+    """transformers' LlamaForCausalLM (SDPA attention) of the same shape, with `state_dict` copied in.
+
+    nanotune uses HF's parameter names, so the state dict loads as it is; only the rotary buffers
+    (which transformers computes itself) are missing from it.
+    """
+    import transformers
+
+    hf_config = transformers.LlamaConfig(**config.to_hf_dict())
+    model = transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
+    if state_dict is not None:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if unexpected or any("rotary" not in name for name in missing):
+            raise RuntimeError(f"weights do not fit transformers' model: missing {missing}, unexpected {unexpected}")
+    return model.to(device=device).train()
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
+
+
+def document_lengths(seq_len: int, n_documents: int, generator: torch.Generator) -> list[int]:
+    """`n_documents` lengths summing to seq_len, cut at random points (each at least 2 tokens)."""
+    if n_documents <= 1:
+        return [seq_len]
+    if 2 * n_documents > seq_len:
+        raise SystemExit(f"--packed-docs {n_documents} does not fit in --seq-len {seq_len}")
+    cuts = torch.randperm(seq_len // 2 - 1, generator=generator)[: n_documents - 1].add(1).mul(2).sort().values
+    bounds = [0, *cuts.tolist(), seq_len]
+    return [end - start for start, end in zip(bounds, bounds[1:])]
+
+
+def make_batch(batch_size: int, seq_len: int, vocab_size: int, packed_docs: int, seed: int) -> dict:
+    """Random tokens (B, T) with nanotune's shifted labels; with packed_docs, document_ids too.
+
+    labels[t] = input_ids[t + 1] within a document and -100 at each document's last token (and
+    at the end of the row), exactly what the data pipeline produces for packed rows.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)  # (B, T)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)  # (B, T)
+    labels[:, :-1] = input_ids[:, 1:]
+    batch = {"input_ids": input_ids, "labels": labels}
+    if packed_docs > 1:
+        rows = []
+        for _ in range(batch_size):
+            lengths = document_lengths(seq_len, packed_docs, generator)
+            rows.append(torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)]))
+        document_ids = torch.stack(rows)  # (B, T)
+        last_of_document = torch.ones_like(document_ids, dtype=torch.bool)
+        last_of_document[:, :-1] = document_ids[:, 1:] != document_ids[:, :-1]
+        labels[last_of_document] = IGNORE_INDEX
+        batch["document_ids"] = document_ids
+    return batch
+
+
+def squared_document_lengths(batch: dict) -> int:
+    """sum over rows and documents of T_d^2: the attention work of the batch (T^2 per plain row)."""
+    if "document_ids" not in batch:
+        B, T = batch["input_ids"].shape
+        return B * T * T
+    total = 0
+    for row in batch["document_ids"]:
+        _, counts = torch.unique_consecutive(row, return_counts=True)
+        total += int((counts.long() ** 2).sum())
+    return total
+
+
+def document_positions(batch: dict) -> torch.Tensor:
+    return positions_from_document_ids(batch["document_ids"])
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs and the matmul peak
+# ----------------------------------------------------------------------------------------------
+
+
+def matmul_parameters(config: LlamaConfig) -> int:
+    """Parameters that take part in a matmul: all but the input embedding (a table lookup)."""
+    embedding = config.vocab_size * config.hidden_size
+    return config.n_params - embedding if not config.tie_word_embeddings else config.n_params
+
+
+def train_step_flops(config: LlamaConfig, n_tokens: int, sum_squared_lengths: int) -> float:
+    """FLOPs of forward + backward of one step (the optimizer's few per parameter are left out).
+
+        6 * N * tokens                      every matmul parameter: 2 FLOPs forward, 4 backward
+      + 12 * L * C * sum(T_d^2) / 2         attention scores and weighted values (2 matmuls of
+                                            2 * T^2 * C FLOPs each forward, twice that backward),
+                                            halved because causal attention needs only half
+
+    N leaves out the input embedding (a lookup, no FLOPs). For plain rows sum(T_d^2) = B * T^2;
+    for packed rows it is the per-document sum: the work that has to be done, so that packed
+    runs are credited only with useful FLOPs.
+    """
+    L, C = config.num_hidden_layers, config.num_attention_heads * config.head_dim
+    return 6.0 * matmul_parameters(config) * n_tokens + 12.0 * L * C * sum_squared_lengths / 2
+
+
+def device_sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak_flops(device: str, dtype: torch.dtype, size: int | None = None, repeats: int = 10) -> float:
+    """The achievable FLOP/s of one large square matmul here: the best of `repeats` timings.
+
+    This is the ceiling MFU is measured against. A datasheet peak would be higher than anything
+    reachable on a shared 2-core machine; the measured one says how close a training step gets
+    to what the same BLAS does on an ideal shape.
+    """
+    size = size or (8192 if device.startswith("cuda") else 2048)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    a @ b  # warm-up: thread pool, BLAS kernel selection, first touch of the output pages
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        device_sync(device)
+        started = time.perf_counter()
+        a @ b
+        device_sync(device)
+        best = min(best, time.perf_counter() - started)
+    return 2.0 * size**3 / best
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory and load
+# ----------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    return _status_kib("VmRSS") * 1024
+
+
+def reset_peak_rss() -> None:
+    """Start the peak-RSS counter (VmHWM) afresh from the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """Highest resident memory since `reset_peak_rss` (or since the process started)."""
+    return _status_kib("VmHWM") * 1024
+
+
+def load_average() -> float:
+    """The 1-minute load average (runnable processes, averaged): about 0 on an idle machine."""
+    return os.getloadavg()[0]
+
+
+def wait_until_quiet(max_load: float, max_wait_s: float, log=print) -> float:
+    """Sleep until the 1-minute load is below max_load (or max_wait_s passed); return the load."""
+    waited = 0.0
+    while load_average() >= max_load and waited < max_wait_s:
+        if waited == 0:
+            log(f"waiting for the 1-minute load ({load_average():.2f}) to fall below {max_load}")
+        time.sleep(10)
+        waited += 10
+    return load_average()
+
+
+def cpu_description() -> str:
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
+
+
+def device_description(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return cpu_description()
