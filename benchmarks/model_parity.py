@@ -19,7 +19,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from helpers import hf_llama_from, tiny_model  # noqa: E402
+from helpers import hf_llama_from, three_packed_documents, tiny_model  # noqa: E402
 from test_model import ROPE_SCALINGS  # noqa: E402
 
 
@@ -51,10 +51,7 @@ def worst_packed_difference(packed_attention: str) -> float:
     model = tiny_model(seed=2)
     model.packed_attention = packed_attention
     hf = hf_llama_from(model)
-    generator = torch.Generator().manual_seed(1)
-    documents = [torch.randint(0, 256, (n,), generator=generator) for n in (7, 12, 5)]
-    packed = torch.cat(documents)[None]  # (1, 24)
-    document_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(documents)])[None]  # (1, 24)
+    documents, packed, document_ids = three_packed_documents(seed=1)  # the test's documents
     logits = model(packed, document_ids=document_ids)[0]  # (24, V)
     worst, start = 0.0, 0
     for document in documents:

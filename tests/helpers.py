@@ -81,3 +81,15 @@ def hf_llama_from(model: Llama):
     assert not unexpected, unexpected
     assert all("rotary" in m for m in missing) or not missing, missing
     return hf
+
+
+def three_packed_documents(seed: int = 1, vocab_size: int = 256):
+    """Documents of 7, 12 and 5 random tokens, and the same packed into one row.
+
+    Returns (documents, packed (1, 24), document_ids (1, 24)): what packed pretraining feeds the model.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    documents = [torch.randint(0, vocab_size, (n,), generator=generator) for n in (7, 12, 5)]
+    packed = torch.cat(documents)[None]  # (1, 24)
+    document_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(documents)])[None]  # (1, 24)
+    return documents, packed, document_ids

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import hf_llama_from, tiny_model
+from helpers import hf_llama_from, three_packed_documents, tiny_model
 
 from nanotune.model import (
     IGNORE_INDEX,
@@ -53,10 +53,7 @@ def test_packed_documents_get_their_unpacked_logits(packed_attention):
     model = tiny_model(seed=2)
     model.packed_attention = packed_attention
     hf = hf_llama_from(model)
-    generator = torch.Generator().manual_seed(1)
-    documents = [torch.randint(0, 256, (n,), generator=generator) for n in (7, 12, 5)]
-    packed = torch.cat(documents)[None]  # (1, 24)
-    document_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(documents)])[None]
+    documents, packed, document_ids = three_packed_documents(seed=1)
 
     # FlexAttention has no backward on the CPU (it is the CUDA path): check its forward here.
     with torch.set_grad_enabled(packed_attention != "flex"):
