@@ -11,6 +11,9 @@
 #
 #     bash examples/tcm_qg/run.sh [OUT_DIR]        # default OUT_DIR: runs/tcm_qg in the repository
 #
+# Quick look (or a smoke test): PT_STEPS=5 SFT_STEPS=5 bash examples/tcm_qg/run.sh OUT_DIR shortens the two
+# training stages (defaults: the max_steps of pt.toml and sft.toml); the scores are then meaningless.
+#
 # Works from any directory (a relative OUT_DIR is taken from where you are). Re-running into the
 # same OUT_DIR starts over: the stage folders this script writes there are removed first, and
 # nothing else in OUT_DIR is touched. Uses the `python` of the active environment.
@@ -72,7 +75,8 @@ stage tokenizer python -m tokenizer_tools.train_spm \
 
 stage pretrain python train_pt.py --config "$EXAMPLE/pt.toml" \
     --output_dir "$OUT/pt" \
-    --tokenizer.path "$OUT/tokenizer/tcm.model"
+    --tokenizer.path "$OUT/tokenizer/tcm.model" \
+    ${PT_STEPS:+--train.max_steps "$PT_STEPS"}
 
 stage convert python -m nanotune.data.convert --format tcm_qg \
     --input "$EXAMPLE/data/tcm_qg.json" \
@@ -85,7 +89,8 @@ stage sft python train_sft.py --config "$EXAMPLE/sft.toml" \
     --model.path "$OUT/pt/final" \
     --data.train_files "$OUT/data/qg_train.jsonl" \
     --data.valid_files "$OUT/data/qg_dev.jsonl" \
-    --data.template "$TEMPLATE"
+    --data.template "$TEMPLATE" \
+    ${SFT_STEPS:+--train.max_steps "$SFT_STEPS"}
 
 # evaluate MODEL NAME: dev loss, greedy questions and their scores -> $OUT/eval/NAME.json (+ predictions)
 evaluate() {
