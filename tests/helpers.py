@@ -93,3 +93,16 @@ def three_packed_documents(seed: int = 1, vocab_size: int = 256):
     packed = torch.cat(documents)[None]  # (1, 24)
     document_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(documents)])[None]  # (1, 24)
     return documents, packed, document_ids
+
+
+# Messages of a conversation, as the SFT formats and templates take them.
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def system(text: str) -> dict:
+    return {"role": "system", "content": text}

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import assistant, system, user
 
 from nanotune.data.convert import main as convert_main
 from nanotune.data.formats import (
@@ -22,18 +23,6 @@ from nanotune.data.formats import (
 from nanotune.data.records import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
 
 
 def write_jsonl(path: Path, records) -> Path:

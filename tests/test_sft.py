@@ -14,8 +14,8 @@ import logging
 import pytest
 import sentencepiece as spm
 import torch
+from helpers import assistant, system, tiny_model, train_sentencepiece, user
 
-from helpers import tiny_model, train_sentencepiece
 from nanotune.data.pretrain import collate_blocks
 from nanotune.data.sft import (
     IGNORE_INDEX,
@@ -37,18 +37,6 @@ from nanotune.tokenizer import Tokenizer, write_hf_tokenizer_files
 def tokenizer(tmp_path_factory):
     """A tiny LLaMA-like SentencePiece BPE (byte fallback, dummy prefix), vocab 400."""
     return Tokenizer.from_file(train_sentencepiece(tmp_path_factory.mktemp("spm"), vocab_size=400))
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
 
 
 TWO_TURNS = [

@@ -28,6 +28,7 @@ layout does not fit the table, as `Llama2Template`).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from nanotune.data.formats import check_conversation
@@ -69,16 +70,24 @@ def split_turns(messages: list[dict], add_generation_prompt: bool) -> tuple[str 
     return system, pairs
 
 
-class Template:
-    """Base class: `segments` lays out a conversation; `render` shows it as text."""
+class Template(ABC):
+    """What every chat template offers: `segments` lays out a conversation; `render` shows it as text.
+
+    A template only has to say how a conversation is laid out (`segments`); rendering, stop tokens
+    and the encoding with labels (nanotune.data.sft) are built on that one method. `TableTemplate`
+    lays out the common single-string formats from a table entry; `Llama2Template` is Meta's layout,
+    which puts the system prompt inside the first user turn.
+    """
 
     name = "template"
     bos_text = "<s>"  # how BOS is shown by render()
     eos_text = "</s>"
     stop_strings: tuple[str, ...] = ()  # text that ends a reply besides EOS (e.g. "<|im_end|>")
 
+    @abstractmethod
     def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
-        raise NotImplementedError
+        """The conversation as an ordered list of text pieces and BOS/EOS markers, each marked
+        trainable or not (only replies and their end markers are)."""
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The text the model sees, with BOS/EOS shown as `bos_text`/`eos_text`."""
