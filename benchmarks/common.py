@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nanotune.model import IGNORE_INDEX, Llama, LlamaConfig, positions_from_document_ids  # noqa: E402
+from nanotune.model import IGNORE_INDEX, Llama, LlamaConfig  # noqa: E402
 
 # Model shapes by name. "issue" is the shape the performance issue was measured on (51M
 # parameters, 34M of them in matmuls); "1b" is TinyLlama-1.1B's shape, for a GPU.
@@ -117,10 +117,6 @@ def squared_document_lengths(batch: dict) -> int:
         _, counts = torch.unique_consecutive(row, return_counts=True)
         total += int((counts.long() ** 2).sum())
     return total
-
-
-def document_positions(batch: dict) -> torch.Tensor:
-    return positions_from_document_ids(batch["document_ids"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,7 +73,6 @@ from common import (  # noqa: E402
     ROOT,
     device_description,
     device_sync,
-    document_positions,
     load_average,
     make_batch,
     matmul_peak_flops,
@@ -88,7 +87,11 @@ from common import (  # noqa: E402
     wait_until_quiet,
 )
 
-from nanotune.model import IGNORE_INDEX, block_diagonal_causal_mask  # noqa: E402
+from nanotune.model import (  # noqa: E402
+    IGNORE_INDEX,
+    block_diagonal_causal_mask,
+    positions_from_document_ids,
+)
 
 NANOTUNE, NANOTUNE_PACKED = "nanotune", "nanotune packed"
 TRANSFORMERS, TRANSFORMERS_PACKED = "transformers", "transformers packed (4D mask)"
@@ -160,7 +163,7 @@ def transformers_runner(config, args, dtype, state_dict, batch, packed: bool) ->
     note = "its own labels= loss over full (B, T, V) logits"
     if packed:
         inputs["attention_mask"] = block_diagonal_causal_mask(batch["document_ids"])  # (B, 1, T, T)
-        inputs["position_ids"] = document_positions(batch)
+        inputs["position_ids"] = positions_from_document_ids(batch["document_ids"])  # restarting per document
         note = "SDPA with a dense block-diagonal (B, 1, T, T) mask; " + note
 
     def step():

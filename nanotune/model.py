@@ -708,12 +708,12 @@ class Llama(nn.Module):
         """
         if device.type != "cpu":
             return None
-        workspace = self._logits_workspace
-        if workspace is None or workspace.shape[0] < rows or workspace.shape[1] != self.config.vocab_size:
-            workspace = None  # drop the old one before allocating the new one
-            self._logits_workspace = None
-            workspace = self._logits_workspace = torch.empty(rows, self.config.vocab_size, dtype=torch.float32)
-        return workspace
+        vocab_size = self.lm_head.weight.shape[0]  # the head's rows: right after a vocabulary resize too
+        old = self._logits_workspace
+        if old is None or old.shape[0] < rows or old.shape[1] != vocab_size:
+            self._logits_workspace = old = None  # free the old buffer before allocating the new one
+            self._logits_workspace = torch.empty(rows, vocab_size, dtype=torch.float32)
+        return self._logits_workspace
 
     @staticmethod
     def _default_positions(B, T, document_ids, kv_cache, device):
