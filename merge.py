@@ -1,6 +1,6 @@
 """Fold LoRA adapters into base weights, and make or apply published weight deltas.
 
-    python merge.py lora --base BASE --adapter ADAPTER --out OUT [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]
+    python merge.py lora --base BASE --adapter ADAPTER --out OUT [--dtype bf16|fp16|fp32|...] [--max-shard-size 5GB]
     python merge.py delta --base BASE --delta DELTA --out OUT
     python merge.py make-delta --base BASE --target TARGET --out DELTA
     each also takes --check SUMS (repeatable): verify inputs against published SHA-256 sums first
@@ -17,11 +17,9 @@ and tokenizer, for publishing.
 
 Memory. Nothing here ever holds a model: each output tensor is read (one input tensor at a time,
 memory-mapped from its safetensors file), computed and written straight into its place in the
-output file, whose header is written first from the shapes alone. Peak memory is about two
-copies of the largest single tensor (the embedding), whatever the model or shard size: merging a
-673 MB fp32 model (5 shards) peaked at 465 MB resident, 1290 MB (9 shards) at 481 MB, of which
-221 MB is Python + torch; loading, merging and saving in memory took 1496 and 2892 MB
-(benchmarks/merge_memory.py).
+output file by checkpoint.py's streamed writer, which writes the header first from the shapes
+alone. Peak memory is about two copies of the largest single tensor (the embedding), whatever
+the model or shard size (figures in README, from benchmarks/merge_memory.py).
 
 Arithmetic. Sums are formed in fp32 (fp64 when a tensor involved is fp64) and cast once to the
 stored dtype. Exactness of `make-delta` then `delta`: an fp32 target cannot in general be
@@ -38,19 +36,16 @@ In a bf16 `lora` merge an update smaller than half a bf16 step of W is rounded a
 fp32 where that matters.
 
 Every command writes `SHA256SUMS` (sha256sum's format) of its outputs into OUT, and writes OUT
-as OUT.tmp first, renamed into place only when complete.
+as OUT.tmp first, renamed into place only when complete. `--dtype` takes either spelling
+(bf16 or bfloat16, fp32 or float32...).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
-import shutil
-import struct
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,23 +53,15 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from nanotune.checkpoint import (
-    IGNORED_TENSORS, SAFE_INDEX, SAFE_SINGLE, CheckpointError, parse_size, plan_shards, replace_folder, weight_files,
+    DTYPES, IGNORED_TENSORS, SAFETENSORS_DTYPES, CheckpointError, parse_dtype, sha256_of, weight_files,
+    write_hf_checkpoint,
 )
 from nanotune.data.records import DataError
 from nanotune.lora import PEFT_PREFIX, one_name_for_tied_embedding, read_adapter_config, read_adapter_tensors
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-# safetensors' dtype names; the format stores raw little-endian bytes after a JSON header.
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
 VOCABULARY_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")  # rows = vocabulary size
-SUMS_FILE = "SHA256SUMS"
 
 
 class MergeError(ValueError):
@@ -134,51 +121,17 @@ class WeightReader:
             return f.get_tensor(name)
 
 
-def write_safetensors_streamed(file: Path, specs: dict, get_tensor: Callable[[str], torch.Tensor], progress) -> None:
-    """Write a safetensors file tensor by tensor: the header (names, shapes, offsets) first, from
-    `specs` alone, then each tensor's bytes as `get_tensor` makes it. No shard is ever held."""
-    header, position = {"__metadata__": {"format": "pt"}}, 0
-    for name, (shape, dtype) in specs.items():
-        size = torch.Size(shape).numel() * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape),
-                        "data_offsets": [position, position + size]}
-        position += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for name, (shape, dtype) in specs.items():
-            tensor = get_tensor(name)
-            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:  # a bug here, never bad input
-                raise RuntimeError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, header says {shape} {dtype}")
-            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            progress.update()
-
-
 def write_model_folder(out: Path, config: dict, specs: dict, get_tensor, max_shard_size: str | int,
                        copy_files: list[Path], description: str) -> None:
     """OUT.tmp gets the shards (+ index), config.json, `copy_files` and SHA256SUMS; then it becomes OUT."""
-    sizes = {name: torch.Size(shape).numel() * dtype.itemsize for name, (shape, dtype) in specs.items()}
-    shards = plan_shards(sizes, parse_size(max_shard_size))
-    n = len(shards)
-    file_names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    temporary = out.with_name(out.name + ".tmp")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
     with tqdm(total=len(specs), unit="tensor", desc=description) as progress:
-        for names, file_name in zip(shards, file_names):
-            write_safetensors_streamed(temporary / file_name, {k: specs[k] for k in names}, get_tensor, progress)
-    if n > 1:
-        weight_map = {name: file_name for names, file_name in zip(shards, file_names) for name in names}
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-        (temporary / SAFE_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
-    (temporary / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    for file in copy_files:
-        shutil.copyfile(file, temporary / file.name)
-    write_sha256sums(temporary)
-    replace_folder(temporary, out)
+
+        def get_and_count(name: str) -> torch.Tensor:
+            tensor = get_tensor(name)
+            progress.update()
+            return tensor
+
+        write_hf_checkpoint(out, config, specs, get_and_count, max_shard_size, copy_files=copy_files, checksums=True)
 
 
 def side_files(primary: Path, fallback: Path) -> list[Path]:
@@ -219,23 +172,8 @@ def arithmetic_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------
-# SHA256SUMS
+# SHA256SUMS (written by checkpoint.write_hf_checkpoint)
 # ----------------------------------------------------------------------------------------------
-
-
-def sha256_of(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_sha256sums(folder: Path) -> None:
-    """SHA256SUMS listing every other file of `folder`, as `sha256sum *` prints them."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != SUMS_FILE)
-    text = "".join(f"{sha256_of(p)}  {p.name}\n" for p in files)
-    (folder / SUMS_FILE).write_text(text, encoding="utf-8")
 
 
 def verify_sha256sums(sums_file: str | Path, folders: list[Path]) -> None:
@@ -451,7 +389,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sub.add_argument(f"--{second}", required=True, type=Path,
                          help="PEFT adapter folder" if second == "adapter" else "HF-format model folder")
         sub.add_argument("--out", required=True, type=Path, help="output folder (written as OUT.tmp, then renamed)")
-        sub.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+        sub.add_argument("--dtype", choices=list(DTYPES), default=None,
                          help="stored dtype of the output (default: " + {
                              "lora": "as the base", "delta": "the dtype in the delta's config.json",
                              "make-delta": "exact: fp64 for fp32 targets, fp32 for bf16/fp16"}[command] + ")")
@@ -467,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "make-delta": (args.base, getattr(args, "target", None))}[args.command]
     for sums in args.check:
         verify_sha256sums(sums, list(inputs))
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = parse_dtype(args.dtype) if args.dtype else None
     if args.command == "lora":
         merge_lora_checkpoint(args.base, args.adapter, args.out, dtype, args.max_shard_size)
     elif args.command == "delta":

@@ -17,7 +17,8 @@ from nanotune import distributed
 from nanotune.build import start_run
 from nanotune.cli import run_main, setup_logging
 from nanotune.config import PretrainDataConfig
-from nanotune.data.pretrain import build_pretrain_datasets, collate_blocks
+from nanotune.data.collate import collate_blocks
+from nanotune.data.pretrain import build_pretrain_datasets
 from nanotune.train import train
 
 

@@ -16,8 +16,8 @@ from nanotune import distributed
 from nanotune.build import start_run
 from nanotune.cli import run_main, setup_logging
 from nanotune.config import SFTDataConfig
-from nanotune.data.pretrain import collate_blocks
-from nanotune.data.sft import PackedSFTDataset, PaddingCollator, SFTDataset, build_sft_dataset
+from nanotune.data.collate import PaddingCollator, collate_blocks
+from nanotune.data.sft import PackedSFTDataset, SFTDataset, build_sft_dataset
 from nanotune.data.templates import get_template
 from nanotune.train import train
 
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None):
         collate, lengths = collate_blocks, None
     else:
         train_data, valid_data = train_samples, valid_samples
-        collate, lengths = PaddingCollator(tokenizer.pad_id), list(train_samples.lengths)
+        collate = PaddingCollator(tokenizer.pad_id)
+        lengths = list(train_samples.lengths) if data.group_by_length else None  # similar lengths per micro-batch
 
     result = train(config, run, model, tokenizer, train_data, valid_data, collate, lengths=lengths)
     distributed.shutdown(run)

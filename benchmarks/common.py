@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nanotune.model import IGNORE_INDEX, Llama, LlamaConfig  # noqa: E402
+from nanotune.loss import IGNORE_INDEX  # noqa: E402
+from nanotune.model import Llama, LlamaConfig  # noqa: E402
 
 # Model shapes by name. "issue" is the shape the performance issue was measured on (51M
 # parameters, 34M of them in matmuls); "1b" is TinyLlama-1.1B's shape, for a GPU.
@@ -33,7 +34,7 @@ PRESETS = {
                  num_attention_heads=4, num_key_value_heads=2),
 }
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from nanotune.checkpoint import DTYPES  # noqa: E402  (both spellings: fp32 / float32, ...)
 
 
 def preset_config(name: str, seq_len: int) -> LlamaConfig:
@@ -42,10 +43,11 @@ def preset_config(name: str, seq_len: int) -> LlamaConfig:
     return LlamaConfig(**PRESETS[name], max_position_embeddings=max(2048, seq_len), rms_norm_eps=1e-5)
 
 
-def nanotune_model(config: LlamaConfig, seed: int, dtype: torch.dtype, device: str) -> Llama:
-    """The nanotune model with seeded weights (HF's init), in `dtype` on `device`, in train mode."""
+def nanotune_model(config: LlamaConfig, seed: int, dtype: torch.dtype, device: str, **options) -> Llama:
+    """The nanotune model with seeded weights (HF's init), in `dtype` on `device`, in train mode.
+    `options` are Llama's (`packed_attention`, `loss_chunk_tokens`)."""
     torch.manual_seed(seed)
-    model = Llama(config)
+    model = Llama(config, **options)
     model.init_weights(seed)
     return model.to(device=device, dtype=dtype).train()
 

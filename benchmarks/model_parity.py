@@ -48,8 +48,7 @@ def worst_config_differences() -> tuple[float, float]:
 
 
 def worst_packed_difference(packed_attention: str) -> float:
-    model = tiny_model(seed=2)
-    model.packed_attention = packed_attention
+    model = tiny_model(seed=2, packed_attention=packed_attention)
     hf = hf_llama_from(model)
     documents, packed, document_ids = three_packed_documents(seed=1)  # the test's documents
     logits = model(packed, document_ids=document_ids)[0]  # (24, V)

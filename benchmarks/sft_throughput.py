@@ -12,7 +12,7 @@ position is a real token.
 
 Defaults are the usual ones: batches of 8 (HF Trainer's per_device_train_batch_size) and
 max_length 1024 (nanotune's `data.max_length`). On the CPU the model's loss skips positions
-without a target (`nanotune.model.target_rows_only`), padding included, so what padding wastes here is
+without a target (`nanotune.loss.target_rows_only`), padding included, so what padding wastes here is
 the transformer blocks' work on padding, not the lm_head's.
 
 Both ways train the same generated conversations, once each, on the same model (two copies with
@@ -49,13 +49,12 @@ from common import (  # noqa: E402
     wait_until_quiet,
 )
 
-from nanotune.data.pretrain import collate_blocks  # noqa: E402
+from nanotune.data.collate import PaddingCollator, collate_blocks  # noqa: E402
 from nanotune.data.sft import (  # noqa: E402
-    IGNORE_INDEX,
     PackedSFTDataset,
-    PaddingCollator,
     SFTDataset,
 )
+from nanotune.loss import IGNORE_INDEX  # noqa: E402
 
 PAD_ID = 0
 
@@ -106,8 +105,7 @@ class Trainer:
 
     def __init__(self, name: str, config, seed: int, batches: list[dict], chunk: int):
         self.name = name
-        self.model = nanotune_model(config, seed, torch.float32, "cpu")
-        self.model.loss_chunk_tokens = chunk
+        self.model = nanotune_model(config, seed, torch.float32, "cpu", loss_chunk_tokens=chunk)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=True)
         self.batches = batches
         self.next = 0

@@ -87,10 +87,11 @@ from common import (  # noqa: E402
     wait_until_quiet,
 )
 
+from nanotune.loss import IGNORE_INDEX  # noqa: E402
 from nanotune.model import (  # noqa: E402
-    IGNORE_INDEX,
     block_diagonal_causal_mask,
     positions_from_document_ids,
+    resolve_packed_attention,
 )
 
 NANOTUNE, NANOTUNE_PACKED = "nanotune", "nanotune packed"
@@ -126,12 +127,14 @@ def n_targets(labels: torch.Tensor) -> torch.Tensor:
 
 def nanotune_runner(config, args, dtype, batch, name: str):
     """nanotune's step: the model returns the summed token loss; divide by the target count."""
-    from nanotune.train import apply_block_options
-
-    model = nanotune_model(config, args.seed, dtype, args.device)
-    model.loss_chunk_tokens = args.loss_chunk_tokens
-    model.packed_attention = args.packed_attention
-    apply_block_options(model, activation_checkpointing=False, compile_blocks=args.compile)
+    packed_attention = resolve_packed_attention(args.packed_attention, args.compile, args.device)
+    model = nanotune_model(config, args.seed, dtype, args.device,
+                           packed_attention=packed_attention, loss_chunk_tokens=args.loss_chunk_tokens)
+    if args.compile:
+        # Regional compilation, one block at a time: what `train.compile = true` does in training,
+        # where the trainer applies it together with activation checkpointing and FSDP.
+        for layer in model.model.layers:
+            layer.compile()
     optimizer = adamw(model)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "document_ids")}
     count = n_targets(batch["labels"])
@@ -512,7 +515,7 @@ def write_conversations(path: Path, n: int, seed: int) -> None:
 def loop_benchmark(args) -> dict:
     """train_sft.py's logged tokens/s against the bare step's, on the batches the loop trains on."""
     from nanotune.checkpoint import load_pretrained, save_pretrained
-    from nanotune.data.pretrain import collate_blocks
+    from nanotune.data.collate import collate_blocks
     from nanotune.data.sft import PackedSFTDataset, build_sft_dataset
     from nanotune.tokenizer import Tokenizer
 

@@ -3,7 +3,7 @@
 Both entry points (`train_pt.py`, `train_sft.py`) start with `start_run`, which calls these in
 order: `load_tokenizer` -> `build_model` (load or create, grow the vocabulary) ->
 `configure_trainable` (what trains, or LoRA). The loop then applies activation checkpointing,
-compilation and FSDP.
+compilation and FSDP (`distributed.parallelize`).
 """
 
 from __future__ import annotations
@@ -15,24 +15,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_pretrained, read_config
+from .checkpoint import load_pretrained, parse_dtype, read_config
 from . import distributed
 from .config import ConfigError, RunConfig, load_config
 from .distributed import Run
-from .model import Llama, LlamaConfig
+from .model import Llama, LlamaConfig, resolve_packed_attention
 from .tokenizer import Tokenizer, TokenizerError
+from .train_state import check_output_dir, seed_everything
 from .vocab import resize_token_embeddings
 
 log = logging.getLogger("nanotune")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def start_run(argv: list[str] | None, data_class: type) -> tuple[RunConfig, Run, Tokenizer, Llama]:
     """What both entry points do first: config, process group, a check of the output folder, seeds,
     tokenizer, model and what trains. Cheap checks come first, so a mistake costs no waiting."""
-    from .train import check_output_dir, seed_everything
-
     config = load_config(argv, data_class=data_class)
     if not config.data.train_files:
         raise ConfigError("data.train_files is empty: give the training files (paths or globs)")
@@ -47,7 +44,7 @@ def start_run(argv: list[str] | None, data_class: type) -> tuple[RunConfig, Run,
         check_output_dir(Path(config.output_dir), config)  # never mix two runs in one folder
     seed_everything(config.seed, rank=0)  # the same initial weights (and LoRA init) on every run
     tokenizer = load_tokenizer(config)
-    model = build_model(config, tokenizer, on_meta=run.distributed and not run.is_main)
+    model = build_model(config, tokenizer, on_meta=run.distributed and not run.is_main, device=run.device)
     configure_trainable(model, config)
     return config, run, tokenizer, model
 
@@ -59,7 +56,7 @@ def load_tokenizer(config: RunConfig) -> Tokenizer:
     return Tokenizer.from_file(path)
 
 
-def build_model(config: RunConfig, tokenizer: Tokenizer, on_meta: bool = False) -> Llama:
+def build_model(config: RunConfig, tokenizer: Tokenizer, on_meta: bool = False, device: torch.device | str = "cpu") -> Llama:
     """Load `model.path`, or create a model of the configured shape; then fit the vocabulary.
 
     A tokenizer with more pieces than the model's embedding (a merged Chinese vocabulary) grows
@@ -70,13 +67,15 @@ def build_model(config: RunConfig, tokenizer: Tokenizer, on_meta: bool = False) 
     after sharding, rank 0's weights are broadcast into their shards, so no rank but one ever
     holds a full copy of the model in memory (`distributed.broadcast_weights_from_rank0`).
     """
-    dtype = DTYPES[config.model.dtype]
+    dtype = parse_dtype(config.model.dtype)
+    packed_attention = resolve_packed_attention(config.model.packed_attention, config.train.compile, device)
+    options = dict(packed_attention=packed_attention, loss_chunk_tokens=config.model.loss_chunk_tokens)
     if config.model.path and on_meta:
         with torch.device("meta"):
-            model = Llama(read_config(config.model.path)).to(dtype)
+            model = Llama(read_config(config.model.path), **options).to(dtype)
         old_tokenizer = _tokenizer_beside(config.model.path)
     elif config.model.path:
-        model = load_pretrained(config.model.path, dtype=dtype)
+        model = load_pretrained(config.model.path, dtype=dtype, **options)
         old_tokenizer = _tokenizer_beside(config.model.path)
     else:
         shape = config.model
@@ -96,18 +95,15 @@ def build_model(config: RunConfig, tokenizer: Tokenizer, on_meta: bool = False) 
         )
         if on_meta:
             with torch.device("meta"):
-                model = Llama(llama_config)
+                model = Llama(llama_config, **options)
         else:
-            model = Llama(llama_config)
+            model = Llama(llama_config, **options)
             model.init_weights(seed=config.seed)
         model.to(dtype)
         old_tokenizer = None
     added = resize_token_embeddings(model, tokenizer, old_tokenizer)
     if added:
         log.info("vocabulary grown by %d rows to %d (tokenizer %s)", added, tokenizer.vocab_size, tokenizer.path)
-    model.packed_attention = config.model.packed_attention
-    model.loss_chunk_tokens = config.model.loss_chunk_tokens
-    model.neftune_alpha = config.train.neftune_alpha
     return model.train()
 
 

@@ -2,8 +2,9 @@
 
 Reading never holds two copies of the weights: the model is built on the meta device (shapes, no
 storage) and each tensor read from disk is assigned into it as it arrives, shard by shard.
-Writing goes shard by shard too, into a temporary folder that is renamed into place only when
-every file is complete, so a crash never leaves a half-written model where a whole one was.
+Writing goes tensor by tensor (each one made, written and dropped, whether it comes from a model,
+a sharded FSDP model or merge.py's arithmetic), into a temporary folder that is renamed into place
+only when every file is complete, so a crash never leaves a half-written model where a whole one was.
 
 The names on disk are the names of our modules (`model.layers.0.self_attn.q_proj.weight`), so no
 renaming table exists anywhere.
@@ -11,23 +12,27 @@ renaming table exists anywhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from . import distributed
+from .files import replace_folder, temporary_folder
 from .model import Llama, LlamaConfig
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+SUMS_FILE = "SHA256SUMS"  # the checksums of a folder's files, in the format `sha256sum` prints
 # Tensors some checkpoints carry that are not weights (old HF versions saved the RoPE buffer).
 IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
@@ -105,13 +110,6 @@ def iter_file_tensors(file: Path, device: str | torch.device = "cpu") -> Iterato
         yield from state.items()
 
 
-def iter_checkpoint_tensors(path: str | os.PathLike, device="cpu") -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """(file, name, tensor) for every tensor of a model folder, file after file."""
-    for file in weight_files(path):
-        for name, tensor in iter_file_tensors(file, device):
-            yield file, name, tensor
-
-
 def expected_tensor_shapes(config: LlamaConfig) -> dict[str, torch.Size]:
     """Name -> shape of every tensor a checkpoint for `config` must hold (built on meta, free)."""
     with torch.device("meta"):
@@ -124,19 +122,19 @@ def _is_tied_head(name: str, config: LlamaConfig) -> bool:
 
 
 def load_pretrained(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None, **options
 ) -> Llama:
     """A `Llama` with the weights of a HF-format folder, in eval mode.
 
     dtype: convert every tensor to it (None keeps the dtype stored on disk). device: where the
-    weights go (None = CPU). Missing, unexpected and mis-shaped tensors are one error that lists
-    them all, naming the folder.
+    weights go (None = CPU). `options` are Llama's own (`packed_attention`, `loss_chunk_tokens`).
+    Missing, unexpected and mis-shaped tensors are one error that lists them all, naming the folder.
     """
     path = Path(path)
     config = read_config(path)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
-        model = Llama(config)
+        model = Llama(config, **options)
     expected = expected_tensor_shapes(config)
     loaded, unexpected, wrong_shape = set(), [], []
     for file in weight_files(path):
@@ -176,6 +174,34 @@ def raise_on_mismatch(path, missing: list[str], unexpected: list[str], wrong_sha
 
 
 # ----------------------------------------------------------------------------------------------
+# Dtypes, by name
+# ----------------------------------------------------------------------------------------------
+
+# Both spellings of each dtype are accepted everywhere: configs say "bfloat16" (as config.json's
+# `torch_dtype` does), command lines often say "bf16".
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+# safetensors' names for the dtypes it stores; the format is raw little-endian bytes after a JSON header.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'bf16' or 'bfloat16' -> torch.bfloat16; any other name is an error listing the accepted ones."""
+    if not isinstance(name, str) or name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
 
@@ -207,64 +233,96 @@ def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     return shards
 
 
+def write_safetensors(file: Path, specs: dict, get_tensor: Callable[[str], torch.Tensor]) -> None:
+    """Write one safetensors file tensor by tensor: the header (names, shapes, byte offsets) first,
+    from `specs` (name -> (shape, dtype)) alone, then each tensor's bytes as `get_tensor` makes it.
+
+    Only the tensor being written is alive, so peak memory is one tensor, not one shard
+    (`safetensors.torch.save_file` needs the whole shard in a dict first).
+    """
+    header, position = {"__metadata__": {"format": "pt"}}, 0
+    for name, (shape, dtype) in specs.items():
+        size = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [position, position + size]}
+        position += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))  # the file: header length, header, data
+        f.write(header_bytes)
+        for name, (shape, dtype) in specs.items():
+            tensor = get_tensor(name).detach().to("cpu")
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:  # a bug here, never bad input
+                raise RuntimeError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, header says {shape} {dtype}")
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor  # before the next one is made
+
+
 def write_hf_checkpoint(
     path: str | os.PathLike,
     config_dict: dict,
-    tensor_specs: dict[str, tuple[torch.Size, torch.dtype]],
+    tensor_specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
     get_tensor: Callable[[str], torch.Tensor],
     max_shard_size: int | str = "5GB",
     is_writer: bool = True,
     extra_files: Iterable[tuple[str, str]] = (),
+    copy_files: Iterable[str | os.PathLike] = (),
+    checksums: bool = False,
 ) -> None:
     """Write a HF-format folder, asking `get_tensor(name)` for one tensor at a time.
 
-    Only one shard's tensors are alive at once. In distributed runs every rank calls this (so
-    gathering a sharded parameter is a collective all ranks join) and only `is_writer` writes.
-    `extra_files`: (file name, text) pairs to write beside the weights (generation_config.json...).
+    The one HF writer: `save_pretrained` (and so the training loop's final save) and merge.py
+    all write through it. `tensor_specs` (name -> (shape, dtype), in file order) fixes the shards
+    and their headers before any tensor exists; each tensor is then made, written and dropped.
+    Everything goes into `NAME.tmp`, renamed to `NAME` only when complete.
+
+    Distributed: every rank calls this with the same specs, and `get_tensor` is called on every
+    rank for the same names in the same order, so it may be a collective (gathering a sharded
+    parameter); only `is_writer` writes.
+    extra_files: (file name, text) pairs written beside the weights (generation_config.json...).
+    copy_files: files copied in under their own names (tokenizer files...).
+    checksums: also write SHA256SUMS of every other file, as `sha256sum` prints them.
     """
     path = Path(path)
-    sizes = {name: shape.numel() * dtype.itemsize for name, (shape, dtype) in tensor_specs.items()}
+    sizes = {name: torch.Size(shape).numel() * dtype.itemsize for name, (shape, dtype) in tensor_specs.items()}
     shards = plan_shards(sizes, parse_size(max_shard_size))
+    if not is_writer:
+        for name in tensor_specs:  # the writer's order: the shards are consecutive runs of the specs
+            get_tensor(name)
+        return
     n = len(shards)
     file_names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    temporary = path.with_name(path.name + ".tmp")
-    if is_writer:
-        if temporary.exists():
-            shutil.rmtree(temporary)
-        temporary.mkdir(parents=True)
-    weight_map = {}
+    temporary = temporary_folder(path)
     for names, file_name in zip(shards, file_names):
-        tensors = {}
-        for name in names:
-            tensor = get_tensor(name)
-            if is_writer:
-                tensors[name] = tensor.detach().to("cpu").contiguous()
-            weight_map[name] = file_name
-        if is_writer:
-            save_file(tensors, str(temporary / file_name), metadata={"format": "pt"})
-        del tensors
-    if not is_writer:
-        return
+        write_safetensors(temporary / file_name, {name: tensor_specs[name] for name in names}, get_tensor)
     if n > 1:
+        weight_map = {name: file_name for names, file_name in zip(shards, file_names) for name in names}
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         (temporary / SAFE_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
     (temporary / "config.json").write_text(json.dumps(config_dict, indent=2), encoding="utf-8")
     for file_name, text in extra_files:
         (temporary / file_name).write_text(text, encoding="utf-8")
+    for file in copy_files:
+        shutil.copyfile(file, temporary / Path(file).name)
+    if checksums:
+        write_sha256sums(temporary)
     replace_folder(temporary, path)
 
 
-def replace_folder(source: Path, destination: Path) -> None:
-    """Move a completed folder into place; an old folder there is removed only after the move."""
-    if destination.exists():
-        old = destination.with_name(destination.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(destination, old)
-        os.replace(source, destination)
-        shutil.rmtree(old)
-    else:
-        os.replace(source, destination)
+def sha256_of(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_sha256sums(folder: Path) -> None:
+    """SHA256SUMS listing every other file of `folder`, as `sha256sum *` prints them."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != SUMS_FILE)
+    text = "".join(f"{sha256_of(p)}  {p.name}\n" for p in files)
+    (folder / SUMS_FILE).write_text(text, encoding="utf-8")
 
 
 def model_config_dict(model: Llama, dtype: torch.dtype) -> dict:
@@ -279,21 +337,35 @@ def generation_config_text(config: LlamaConfig) -> str:
 
 
 def save_pretrained(
-    model: Llama, path: str | os.PathLike, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None
+    model: Llama,
+    path: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | str | None = None,
+    run: distributed.Run | None = None,
 ) -> None:
     """Write `model` as a HF-format folder that `AutoModelForCausalLM.from_pretrained` loads.
 
     A tied `lm_head.weight` is not written (HF ties it back on load). dtype: convert on the way
-    out (None = as the parameters are).
+    out, a torch dtype or a name of `DTYPES` (None = as the parameters are).
+    A sharded (FSDP2) model works too: every rank calls this, each parameter is gathered whole
+    only when its turn to be written comes (a collective all ranks join, in the same order), only
+    the main rank of `run` writes (run None = a single process), and all ranks leave together.
+    Peak extra memory is one whole tensor, never a copy of the model.
     """
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
     state = {name: t for name, t in model.state_dict().items() if not _is_tied_head(name, model.config)}
-    out_dtype = dtype or next(iter(state.values())).dtype
-    specs = {name: (t.shape, dtype or t.dtype) for name, t in state.items()}
+    specs = {name: (t.shape, dtype or t.dtype) for name, t in state.items()}  # a DTensor's shape is the whole one
+    out_dtype = dtype or next(iter(specs.values()))[1]
 
-    def get_tensor(name):
-        return state[name].to(dtype) if dtype is not None else state[name]
+    def get_tensor(name: str) -> torch.Tensor:
+        tensor = distributed.full_tensor(state[name])
+        return tensor.to(dtype) if dtype is not None else tensor
 
     write_hf_checkpoint(
         path, model_config_dict(model, out_dtype), specs, get_tensor, max_shard_size,
+        is_writer=run is None or run.is_main,
         extra_files=[("generation_config.json", generation_config_text(model.config))],
     )
+    if run is not None:
+        distributed.barrier(run)

@@ -21,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import write_text_atomically
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -415,7 +417,5 @@ def _toml_value(value) -> str:
 def save_config(config: RunConfig, output_dir: str | os.PathLike) -> Path:
     path = Path(output_dir) / "config.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name("config.toml.tmp")
-    temporary.write_text(to_toml(config), encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomically(path, to_toml(config))
     return path

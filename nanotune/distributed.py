@@ -1,4 +1,4 @@
-"""Process group, FSDP2 sharding, and distributed checkpoints, applied *to* an unmodified model.
+"""Process group and FSDP2 sharding, applied *to* an unmodified model by one ordered recipe (`parallelize`).
 
     torchrun --nproc_per_node 8 train_sft.py --config sft.toml          # one node, 8 GPUs
     python train_sft.py --config sft.toml                                # the same code, world size 1
@@ -17,12 +17,9 @@ backward: less communication, more memory.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -106,6 +103,42 @@ def broadcast_string(text: str | None, run: Run) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
+def parallelize(
+    model: nn.Module,
+    run: Run,
+    *,
+    activation_checkpointing: bool = False,
+    compile_blocks: bool = False,
+    fsdp: DistributedConfig | None = None,
+) -> nn.Module:
+    """Turn the built model into the one that trains, in this order (torchtitan's recipe):
+
+    1. activation checkpointing per block (forward hooks, nothing wrapped: parameter names stay
+       the same, so HF names, checkpoints, LoRA and FSDP see no difference);
+    2. `torch.compile` per block ("regional compilation"): one block's graph is compiled and
+       reused for every layer, so compile time does not grow with depth; compiled after
+       checkpointing so the recomputed region is the compiled one;
+    3. FSDP2 sharding, last: it wraps the final blocks, and its hooks see the modules that run;
+    4. rank 0's weights broadcast into every rank's shards (the others built on the meta device);
+    5. the model moved to the run's device.
+
+    With one process (`run.distributed` False) steps 3 and 4 are skipped.
+    """
+    from .activation_checkpointing import apply_activation_checkpointing
+
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile_blocks:
+        for block in model.model.layers:
+            block.compile()
+    if run.distributed:
+        full_state = model.state_dict() if run.is_main else None  # the other ranks hold only shapes
+        shard_model(model, run, fsdp or DistributedConfig())
+        broadcast_weights_from_rank0(model, full_state, run)
+        del full_state
+    return model.to(run.device)
+
+
 def shard_model(model: nn.Module, run: Run, config: DistributedConfig) -> nn.Module:
     """`fully_shard` each transformer block, then the root (embeddings, final norm, lm_head).
 
@@ -115,7 +148,7 @@ def shard_model(model: nn.Module, run: Run, config: DistributedConfig) -> nn.Mod
     the GPU only for compute; slow, but fits models several times the GPU's memory.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(run.device.type, (run.world_size,))
     kwargs = {"mesh": mesh}
@@ -128,6 +161,9 @@ def shard_model(model: nn.Module, run: Run, config: DistributedConfig) -> nn.Mod
     # The root's parameters are used last in the forward and first in the backward: keeping them
     # gathered between the two costs little memory and saves an all-gather.
     fully_shard(model, reshard_after_forward=False, **kwargs)
+    # Objectives that need per-sequence log-probs call `hidden_states` instead of `forward`: FSDP
+    # must gather the root's parameters (embeddings, final norm) around that method too.
+    register_fsdp_forward_method(model, "hidden_states")
     return model
 
 
@@ -161,48 +197,3 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints of the training state (Distributed Checkpoint: each rank writes its own shards)
-# ----------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _single_process_quiet():
-    """DCP warns that it runs "in a single process" when no process group exists: that is intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def _state_dict_options(trainable_only: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
-
-
-def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> None:
-    """Model and optimizer state with `torch.distributed.checkpoint`: every rank writes its shards.
-
-    Works unchanged for a single process. `trainable_only` leaves frozen parameters out (LoRA,
-    embeddings-only training): they are re-read from the base model on resume.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options(trainable_only))
-    with _single_process_quiet():
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
-
-
-def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    options = _state_dict_options(trainable_only)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)

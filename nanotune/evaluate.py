@@ -35,8 +35,11 @@ import torch
 from tqdm import tqdm
 
 from .chat import clean_reply
-from .data.sft import IGNORE_INDEX, PaddingCollator, encode_conversation, encode_prompt
+from .data.collate import PaddingCollator
+from .data.sft import encode_conversation, encode_prompt
+from .loss import IGNORE_INDEX
 from .data.templates import TEMPLATES, Template, get_template
+from .files import write_lines_atomically
 from .generate import generate_batch
 from .metrics import corpus_bleu, corpus_rouge_l
 
@@ -154,11 +157,7 @@ def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
     """One JSON object per line, written to a temporary name and renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
+    write_lines_atomically(path, (json.dumps(record, ensure_ascii=False) for record in records))
 
 
 def main(argv: list[str] | None = None) -> None:

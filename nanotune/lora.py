@@ -38,6 +38,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, iter_file_tensors, raise_on_mismatch
 from .data.records import DataError
+from .files import write_atomically, write_text_atomically
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -376,13 +377,6 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a tied embedding/head is counted once."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under nanotune's names: all a LoRA checkpoint needs to hold.
 
@@ -420,7 +414,8 @@ def save_adapter(
     written under both of its names, as PEFT writes it. Under FSDP every rank must call this
     (gathering a sharded tensor is a collective) and only the main rank of `run` (a
     `distributed.Run`; None = a single process) writes. Each file is written under a temporary
-    name and renamed, so other files in the folder (the tokenizer...) are left alone.
+    name and renamed (files.write_atomically), so other files in the folder (the tokenizer...) are
+    left alone.
     """
     is_writer = run is None or run.is_main
     config = _require_lora(model)
@@ -439,15 +434,8 @@ def save_adapter(
         return
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    text = json.dumps(config.to_peft_dict(tied), indent=2)
-    _write_atomically(path / ADAPTER_CONFIG, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _write_atomically(file: Path, write) -> None:
-    temporary = file.with_name(file.name + ".tmp")
-    write(temporary)
-    os.replace(temporary, file)
+    write_atomically(path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_text_atomically(path / ADAPTER_CONFIG, json.dumps(config.to_peft_dict(tied), indent=2))
 
 
 @torch.no_grad()

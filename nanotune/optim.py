@@ -22,12 +22,9 @@ from .config import OptimConfig
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups of trainable parameters: matrices (decayed) and vectors (norms, biases: not decayed)."""
     decay, no_decay = [], []
-    seen = set()
-    for _, param in model.named_parameters():
-        if not param.requires_grad or id(param) in seen:  # tied weights appear twice
-            continue
-        seen.add(id(param))
-        (decay if param.dim() >= 2 else no_decay).append(param)
+    for param in model.parameters():  # a tied tensor (embed_tokens = lm_head) is yielded once
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

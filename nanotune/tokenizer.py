@@ -21,6 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .files import write_text_atomically
+
 
 class TokenizerError(ValueError):
     """A tokenizer file that is missing or cannot be read."""
@@ -377,12 +379,6 @@ def write_hf_tokenizer_files(model_path: str | os.PathLike, folder: str | os.Pat
         "model_max_length": 1_000_000_000,
         **special,
     }
-    _write_atomic(folder / "tokenizer.json", tokenizer.to_str())
-    _write_atomic(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
-    _write_atomic(folder / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomically(folder / "tokenizer.json", tokenizer.to_str())
+    write_text_atomically(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+    write_text_atomically(folder / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False))

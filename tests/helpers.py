@@ -63,9 +63,10 @@ def tiny_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**values)
 
 
-def tiny_model(seed: int = 0, **overrides) -> Llama:
+def tiny_model(seed: int = 0, packed_attention: str = "auto", loss_chunk_tokens: int = 1024, **overrides) -> Llama:
+    """A seeded tiny Llama; `overrides` change its LlamaConfig, the two options are Llama's own."""
     torch.manual_seed(seed)
-    model = Llama(tiny_config(**overrides))
+    model = Llama(tiny_config(**overrides), packed_attention=packed_attention, loss_chunk_tokens=loss_chunk_tokens)
     model.init_weights(seed)
     return model
 

@@ -1,12 +1,17 @@
-"""HF-format folders in and out, checked with transformers as the oracle."""
+"""HF-format folders in and out, checked with transformers as the oracle (and, for a sharded
+FSDP model, against the folder one process writes)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import hf_llama_from, tiny_model
 
-from nanotune.checkpoint import CheckpointError, load_pretrained, parse_size, save_pretrained
+from nanotune.checkpoint import CheckpointError, load_pretrained, parse_dtype, parse_size, save_pretrained
 
 
 def _hf_model(**overrides):
@@ -131,3 +136,51 @@ def test_parse_size_reads_hf_units():
     assert parse_size(123) == 123
     with pytest.raises(ValueError, match="cannot read size"):
         parse_size("five gigs")
+
+
+def test_dtype_names_accept_both_spellings_and_list_them_when_unknown():
+    for long, short, dtype in [("float32", "fp32", torch.float32), ("bfloat16", "bf16", torch.bfloat16),
+                               ("float16", "fp16", torch.float16), ("float64", "fp64", torch.float64)]:
+        assert parse_dtype(long) is parse_dtype(short) is dtype
+    with pytest.raises(ValueError, match=r"unknown dtype 'half': expected one of float32, fp32, bfloat16, bf16"):
+        parse_dtype("half")
+
+
+SHARDED_SAVE = """
+import sys
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from helpers import tiny_model
+from nanotune.checkpoint import save_pretrained
+from nanotune.distributed import Run
+
+dist.init_process_group("gloo")
+run = Run(rank=dist.get_rank(), world_size=dist.get_world_size())
+model = tiny_model(seed=20, tie_word_embeddings=sys.argv[2] == "tied")
+for block in model.model.layers:
+    fully_shard(block)
+fully_shard(model)
+assert type(model.model.embed_tokens.weight).__name__ == "DTensor"
+save_pretrained(model, sys.argv[1], max_shard_size="60KB", dtype="bf16", run=run)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fsdp_sharded_model_saves_the_same_files_as_one_process(tmp_path, tied):
+    """Two ranks (torchrun, gloo), each holding half of every parameter, write what one process writes."""
+    tests = Path(__file__).resolve().parent
+    script = tmp_path / "save.py"
+    script.write_text(SHARDED_SAVE)
+    env = {**os.environ, "PYTHONPATH": f"{tests.parent}{os.pathsep}{tests}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path / "sharded"), "tied" if tied else "untied"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    save_pretrained(tiny_model(seed=20, tie_word_embeddings=tied), tmp_path / "single", max_shard_size="60KB",
+                    dtype=torch.bfloat16)
+    names = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert len(names) > 4 and names == sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    for name in names:
+        assert (tmp_path / "sharded" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+    assert not (tmp_path / "sharded.tmp").exists()

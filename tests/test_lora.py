@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import hf_llama_from, tiny_model
+from nanotune.build import count_parameters
 from nanotune.checkpoint import CheckpointError
 from nanotune.data.records import DataError
 from nanotune.lora import (
@@ -26,7 +27,6 @@ from nanotune.lora import (
     ADAPTER_WEIGHTS,
     LoRALinear,
     apply_lora,
-    count_parameters,
     load_adapter,
     lora_state_dict,
     merge_lora,

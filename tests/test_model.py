@@ -5,12 +5,9 @@ import torch
 import torch.nn.functional as F
 from helpers import hf_llama_from, three_packed_documents, tiny_model
 
-from nanotune.model import (
-    IGNORE_INDEX,
-    KVCache,
-    linear_cross_entropy_sum,
-    positions_from_document_ids,
-)
+from nanotune.activation_checkpointing import apply_activation_checkpointing
+from nanotune.loss import IGNORE_INDEX, linear_cross_entropy_sum
+from nanotune.model import KVCache, positions_from_document_ids
 
 ROPE_SCALINGS = {
     "none": None,
@@ -50,8 +47,7 @@ def test_logits_and_gradients_match_transformers(rope, tied, kv_heads):
 
 @pytest.mark.parametrize("packed_attention", ["spans", "mask", "flex"])
 def test_packed_documents_get_their_unpacked_logits(packed_attention):
-    model = tiny_model(seed=2)
-    model.packed_attention = packed_attention
+    model = tiny_model(seed=2, packed_attention=packed_attention)
     hf = hf_llama_from(model)
     documents, packed, document_ids = three_packed_documents(seed=1)
 
@@ -95,8 +91,7 @@ def test_chunked_loss_and_gradients_equal_full_logits_cross_entropy(with_ignored
 
 
 def test_model_loss_with_labels_equals_cross_entropy_of_logits_with_document_ids():
-    model = tiny_model(seed=4, tie_word_embeddings=True)
-    model.loss_chunk_tokens = 16
+    model = tiny_model(seed=4, loss_chunk_tokens=16, tie_word_embeddings=True)
     generator = torch.Generator().manual_seed(5)
     input_ids = torch.randint(0, 256, (2, 30), generator=generator)
     document_ids = torch.tensor([[0] * 10 + [1] * 20, [0] * 25 + [-1] * 5])
@@ -140,8 +135,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model(input_ids, labels=input_ids).backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    for block in model.model.layers:
-        block.checkpoint_activations = True
+    apply_activation_checkpointing(model)
     model(input_ids, labels=input_ids).backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -1,8 +1,8 @@
-"""The fast paths of nanotune.model give what the readable paths and transformers give.
+"""The fast paths of nanotune.model and nanotune.loss give what the readable paths and transformers give.
 
 tests/test_model.py already checks the chunked loss against full-logits cross-entropy (with and
 without -100 targets, and through the model with document_ids). Here: what the speed work added
-or relies on: regional compilation (`train.apply_block_options`), the skipping of rows without a
+or relies on: regional compilation (`block.compile()` per layer), the skipping of rows without a
 target, the gradients of packed rows (attention per document span) against documents run alone
 in transformers, and the loss's bf16 and single-backward edges.
 """
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from helpers import hf_llama_from, tiny_model
 
-from nanotune.model import IGNORE_INDEX, linear_cross_entropy_sum, target_rows_only
-from nanotune.train import apply_block_options
+from nanotune.loss import IGNORE_INDEX, linear_cross_entropy_sum, target_rows_only
+from nanotune.model import resolve_packed_attention
 
 
 def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -22,6 +22,14 @@ def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _compiled_tiny_model(seed: int):
+    """A tiny model whose blocks are compiled one by one (regional compilation), as training does."""
+    model = tiny_model(seed=seed, packed_attention=resolve_packed_attention("auto", compiled=True, device="cpu"))
+    for block in model.model.layers:
+        block.compile()
+    return model
 
 
 def _packed_batch(seed: int):
@@ -36,8 +44,7 @@ def _packed_batch(seed: int):
 
 def test_regionally_compiled_blocks_give_the_eager_loss_and_gradients():
     eager = tiny_model(seed=11)
-    compiled = tiny_model(seed=11)
-    apply_block_options(compiled, activation_checkpointing=False, compile_blocks=True)  # block.compile() per layer
+    compiled = _compiled_tiny_model(seed=11)
     input_ids, document_ids, labels = _packed_batch(seed=12)
     plain_labels = torch.cat([input_ids[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
 
@@ -56,8 +63,7 @@ def test_regionally_compiled_blocks_give_the_eager_loss_and_gradients():
 
 @pytest.mark.parametrize("packed_attention", ["spans", "mask"])
 def test_packed_rows_get_the_gradients_of_their_documents_run_alone_in_transformers(packed_attention):
-    model = tiny_model(seed=13)
-    model.packed_attention = packed_attention
+    model = tiny_model(seed=13, packed_attention=packed_attention)
     hf = hf_llama_from(model).train()
     input_ids, document_ids, labels = _packed_batch(seed=14)
 
@@ -136,8 +142,7 @@ def test_a_second_backward_through_the_loss_is_a_clear_error():
 
 
 def test_the_reused_logits_workspace_grows_when_needed_and_changes_no_loss():
-    model = tiny_model(seed=17)
-    model.loss_chunk_tokens = 16
+    model = tiny_model(seed=17, loss_chunk_tokens=16)
     generator = torch.Generator().manual_seed(18)
     for T in (5, 30, 12):  # 10 tokens (a 10-row workspace), then 60 (grows to a 16-row chunk), then 24
         input_ids = torch.randint(0, 256, (2, T), generator=generator)
@@ -147,10 +152,10 @@ def test_the_reused_logits_workspace_grows_when_needed_and_changes_no_loss():
             logits = model(input_ids)  # (2, T, V): the readable path, no workspace
         reference = _summed_cross_entropy(logits, labels)
         torch.testing.assert_close(loss.detach(), reference, atol=1e-5, rtol=1e-5)
-    workspace = model._logits_workspace
+    workspace = model.logits_workspace.buffer
     assert workspace.shape == (16, 256)
     model(input_ids, labels=labels)
-    assert model._logits_workspace is workspace  # kept from one step to the next
+    assert model.logits_workspace.buffer is workspace  # kept from one step to the next
 
     model.to(torch.bfloat16)  # bf16 logits are copied into the fp32 workspace
     loss = model(input_ids, labels=labels)
@@ -160,12 +165,11 @@ def test_the_reused_logits_workspace_grows_when_needed_and_changes_no_loss():
 
 
 def test_compiled_blocks_compile_once_for_every_packing():
-    """With train.compile, "auto" packed attention uses a mask tensor on the CPU, not Python spans:
-    the span boundaries would be baked into the compiled graph and every new packing would recompile."""
+    """With compiled blocks, "auto" packed attention resolves to a mask tensor on the CPU, not Python
+    spans: the span boundaries would be baked into the compiled graph and every new packing would recompile."""
     from torch._dynamo.utils import counters
 
-    model = tiny_model(seed=19)
-    apply_block_options(model, activation_checkpointing=False, compile_blocks=True)
+    model = _compiled_tiny_model(seed=19)
     generator = torch.Generator().manual_seed(20)
     graphs_after_first_batch = None
     for cuts in ([7, 19], [3, 11, 20], [12]):  # three different packings of 24-token rows

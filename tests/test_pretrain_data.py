@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from helpers import corpus_lines, hf_llama_from, tiny_model, train_sentencepiece
 
+from nanotune.data.collate import collate_blocks
 from nanotune.data.pretrain import (
     IGNORE_INDEX,
     PackedDataset,
     build_pretrain_datasets,
     build_token_cache,
-    collate_blocks,
     pack_documents,
     read_documents,
     split_documents,
@@ -261,8 +261,7 @@ def test_labels_never_cross_a_document_and_positions_restart_at_each_document():
 
 @pytest.mark.parametrize("packed_attention", ["spans", "mask"])
 def test_packed_loss_equals_the_sum_of_per_document_losses_in_transformers(packed_attention):
-    model = tiny_model(seed=5).eval()
-    model.packed_attention = packed_attention
+    model = tiny_model(seed=5, packed_attention=packed_attention).eval()
     hf = hf_llama_from(model)
     docs = _random_token_documents([7, 30, 1, 12, 50, 4, 19], seed=5)  # 30 and 50 cross block boundaries
     batch = collate_blocks(list(pack_documents(docs, seq_len=32, bos_id=1, eos_id=2)))  # (B, T)

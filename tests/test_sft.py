@@ -16,11 +16,10 @@ import sentencepiece as spm
 import torch
 from helpers import assistant, system, tiny_model, train_sentencepiece, user
 
-from nanotune.data.pretrain import collate_blocks
+from nanotune.data.collate import PaddingCollator, collate_blocks
 from nanotune.data.sft import (
     IGNORE_INDEX,
     PackedSFTDataset,
-    PaddingCollator,
     build_sft_dataset,
     encode_conversation,
     encode_conversation_with_outcome,

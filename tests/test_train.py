@@ -107,8 +107,8 @@ def test_resume_from_step_4_ends_where_the_uninterrupted_run_ends(workspace, tmp
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import nanotune.distributed as distributed
-original = distributed.save_training_state
+import nanotune.train_state as train_state
+original = train_state.save_training_state
 calls = [0]
 def dies_while_writing(folder, *args, **kwargs):
     calls[0] += 1
@@ -117,7 +117,7 @@ def dies_while_writing(folder, *args, **kwargs):
         open(os.path.join(folder, "half-written"), "w").write("x")
         os.kill(os.getpid(), signal.SIGKILL)
     return original(folder, *args, **kwargs)
-distributed.save_training_state = dies_while_writing
+train_state.save_training_state = dies_while_writing
 import train_pt
 train_pt.main(sys.argv[1:])
 """

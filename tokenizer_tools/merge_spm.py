@@ -32,13 +32,13 @@ model (whose pieces need not have their halves) is refused.
 from __future__ import annotations
 
 import argparse
-import os
 import struct
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanotune.files import write_atomically
 from nanotune.tokenizer import (
     SPM_NORMAL,
     TokenizerError,
@@ -199,9 +199,7 @@ def disagreeing_lines(folder: Path, lines: list[str], progress: bool = False) ->
 def write_merged(proto, folder: Path) -> None:
     """tokenizer.model plus its HF twin files, each written under a temporary name, then renamed."""
     folder.mkdir(parents=True, exist_ok=True)
-    temporary = folder / f".tokenizer.model.tmp{os.getpid()}"
-    temporary.write_bytes(proto.SerializeToString())
-    os.replace(temporary, folder / "tokenizer.model")
+    write_atomically(folder / "tokenizer.model", lambda temporary: temporary.write_bytes(proto.SerializeToString()))
     write_hf_tokenizer_files(folder / "tokenizer.model", folder)
 
 

@@ -21,16 +21,13 @@ from pathlib import Path
 
 from nanotune.data.formats import READERS, iter_conversation_records
 from nanotune.data.records import DataError
+from nanotune.files import write_lines_atomically
 
 
 def write_jsonl_atomic(path: Path, conversations: list[list[dict]]) -> None:
     """Write {"messages": ...} lines to a temporary name in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        for messages in conversations:
-            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
+    write_lines_atomically(path, (json.dumps({"messages": messages}, ensure_ascii=False) for messages in conversations))
 
 
 def default_dev_path(output: Path) -> Path:

@@ -179,11 +179,6 @@ class PackedDataset:
         return self.n_tokens / (len(self) * self.seq_len) if len(self) else 0.0
 
 
-def collate_blocks(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Blocks are all seq_len long, so a batch is a stack: dict of (B, T) LongTensors."""
-    return {key: torch.stack([sample[key] for sample in samples]) for key in samples[0]}
-
-
 # ----------------------------------------------------------------------------------------------
 # Train and validation
 # ----------------------------------------------------------------------------------------------

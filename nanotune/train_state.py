@@ -1,0 +1,197 @@
+"""Training checkpoints: everything needed to continue exactly where a run stopped.
+
+    output_dir/checkpoints/step_N/
+        state/              model + optimizer shards (torch.distributed.checkpoint: every rank writes its own)
+        rng_rank{R}.pt      every random generator of rank R (tensors and plain lists only)
+        trainer_state.json  the step, the sampler's position, the world size, the fp16 scaler
+
+A checkpoint is written into `step_N.tmp` and renamed to `step_N` only when every rank has
+finished, so a kill at any moment leaves either a complete checkpoint or an ignored `.tmp` folder.
+Resuming loads the latest complete one; the data position comes back with the sampler, so the
+run goes on with the very next batch and ends bit for bit where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed
+from .config import ConfigError, RunConfig
+from .distributed import Run
+from .files import replace_folder, write_text_atomically
+
+log = logging.getLogger("nanotune")
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Python, NumPy and torch RNGs. Data order does not depend on these (the sampler has its own seed);
+    dropout and NEFTune noise do, and differ per rank."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def check_output_dir(output_dir: Path, config: RunConfig) -> None:
+    """Refuse to mix two runs' checkpoints in one folder, unless told to resume or to start over."""
+    earlier = checkpoint_folders(output_dir)
+    if not earlier or config.checkpoint.resume:
+        return
+    if not config.checkpoint.overwrite:
+        raise ConfigError(
+            f"{output_dir}: holds checkpoints of an earlier run ({earlier[-1].name}); pass "
+            f"--checkpoint.resume=true to continue it or --checkpoint.overwrite=true to start over"
+        )
+    shutil.rmtree(output_dir / CHECKPOINTS)
+
+
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A folder still named step_N.tmp was never finished."""
+    root = output_dir / CHECKPOINTS
+    if not root.exists():
+        return []
+    complete = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted(complete, key=lambda p: int(p.name[5:]))
+
+
+@dataclass
+class TrainingState:
+    """What a step changes and a checkpoint must keep: the weights, the optimizer, the data position.
+
+    `trainable_only`: frozen parameters (LoRA, embeddings-only training) are left out of the
+    checkpoint; on resume they come again from the base model.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: object  # GlobalBatchSampler: state_dict() / load_state_dict()
+    scaler: object | None  # the fp16 gradient scaler, or None
+    trainable_only: bool
+
+    def save(self, output_dir: Path, step: int, run: Run, keep_last: int) -> None:
+        """Write checkpoints/step_N (via step_N.tmp) and keep only the newest `keep_last`."""
+        root = output_dir / CHECKPOINTS
+        final, temporary = root / f"step_{step}", root / f"step_{step}.tmp"
+        if run.is_main:
+            for stale in root.glob("*.tmp") if root.exists() else []:
+                shutil.rmtree(stale)
+            temporary.mkdir(parents=True)
+        distributed.barrier(run)
+        save_training_state(temporary / "state", self.model, self.optimizer, self.trainable_only)
+        torch.save(rng_state(), temporary / f"rng_rank{run.rank}.pt")
+        if run.is_main:
+            trainer_state = {"step": step, "sampler": self.sampler.state_dict(), "world_size": run.world_size,
+                             "scaler": self.scaler.state_dict() if self.scaler else None}
+            write_text_atomically(temporary / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+        distributed.barrier(run)
+        if run.is_main:
+            replace_folder(temporary, final)
+            for old in checkpoint_folders(output_dir)[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(old)
+        distributed.barrier(run)
+
+    def resume_from_latest(self, output_dir: Path, run: Run) -> int:
+        """Load the latest complete checkpoint, if any; return the step to continue from (0 = none)."""
+        folders = checkpoint_folders(output_dir) if run.is_main else []
+        latest = distributed.broadcast_string(str(folders[-1]) if folders else None, run)
+        if latest is None:
+            log.info("checkpoint.resume: no checkpoint in %s, starting from step 0", output_dir / CHECKPOINTS)
+            return 0
+        folder = Path(latest)
+        trainer_state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+        load_training_state(folder / "state", self.model, self.optimizer, self.trainable_only)
+        self.sampler.load_state_dict(trainer_state["sampler"])
+        if self.scaler and trainer_state.get("scaler"):
+            self.scaler.load_state_dict(trainer_state["scaler"])
+        rng_file = folder / f"rng_rank{run.rank}.pt"
+        if rng_file.exists() and trainer_state.get("world_size") == run.world_size:
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        log.info("resumed from %s (step %d)", folder, trainer_state["step"])
+        return int(trainer_state["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Model + optimizer: Distributed Checkpoint, each rank its own shards
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it runs "in a single process" when no process group exists: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _state_dict_options(trainable_only: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> None:
+    """Model and optimizer state with `torch.distributed.checkpoint`: every rank writes its shards.
+
+    Works unchanged for a single process and for FSDP2 (the state dict holds DTensor shards).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options(trainable_only))
+    with _single_process_quiet():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+
+def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> None:
+    """Read a `save_training_state` folder back into `model` and `optimizer`, in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    options = _state_dict_options(trainable_only)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random generators
+# ----------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """Every RNG a step may draw from, in types `torch.load(weights_only=True)` accepts."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
