@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanotune.data.records import DataError, expand_files, iter_json_records, iter_text_lines
+from nanotune.data.records import DataError, expand_files, iter_json_records, iter_text_lines, os_error_line
 
 # The settings that make a model mergeable into LLaMA-1/2 (see the module docstring).
 LLAMA_TRAINER_DEFAULTS = {
@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
     except (DataError, TrainError) as error:
         print(f"train_spm: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an output folder that cannot be made or written, an unreadable input
+        print(f"train_spm: error: {os_error_line(error)}", file=sys.stderr)
         return 2
     print(summary(Path(f"{args.output}.model"), stats, seconds))
     return 0

@@ -20,17 +20,20 @@ import sys
 from pathlib import Path
 
 from nanotune.data.formats import READERS, iter_conversation_records
-from nanotune.data.records import DataError
+from nanotune.data.records import DataError, os_error_line
 
 
 def write_jsonl_atomic(path: Path, conversations: list[list[dict]]) -> None:
     """Write {"messages": ...} lines to a temporary name in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        for messages in conversations:
-            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            for messages in conversations:
+                f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # after a failure: no half-written file left behind
 
 
 def default_dev_path(output: Path) -> Path:
@@ -73,10 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.dev_size < 0:
         parser.error("--dev-size must be >= 0")
     try:
+        for path in (args.output, args.dev_output):
+            if path and Path(path).is_dir():
+                raise DataError(f"{path}: is a directory; give the .jsonl file to write")
         stats = convert(args.input, args.output, args.format, args.dev_size, args.dev_output, args.skip_invalid)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
+    except OSError as error:  # an output folder that cannot be made or written
+        print(f"error: {os_error_line(error)}", file=sys.stderr)
+        return 2
     print(f"records: {stats['records']} read, {stats['invalid']} invalid skipped")
     print(f"train: {stats['train_conversations']} conversations -> {stats['output']}")
     if "dev_output" in stats:

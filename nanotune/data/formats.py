@@ -260,6 +260,8 @@ def iter_conversation_records(
     for key in ("records", "invalid", "conversations"):
         stats.setdefault(key, 0)
     for path in expand_files(paths):
+        if path.suffix not in (".jsonl", ".json"):
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; conversations come in .jsonl or .json")
         file_format = None if format == "auto" else format
         for line, record, error in _iter_records(path, skip_invalid):
             stats["records"] += 1

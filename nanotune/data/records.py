@@ -62,6 +62,14 @@ def expand_files(patterns: Iterable[str | os.PathLike] | str) -> list[Path]:
     return unique
 
 
+def os_error_line(error: OSError) -> str:
+    """`path: reason` for a refused path (no such file, a folder, no permission, a full disk), the
+    one line a command-line tool prints instead of a traceback."""
+    if error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
+    return str(error)
+
+
 BOM = "\ufeff"  # a UTF-8 byte-order mark (some editors write it): stripped, never read as text
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # the only way JSON text makes one
