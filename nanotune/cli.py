@@ -63,7 +63,8 @@ def at_least(minimum: int | float, kind: type = int) -> Callable[[str], int | fl
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, not {text!r}") from None
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, not {text!r}") from None
         if not value >= minimum:  # also refuses nan
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, not {text}")
         return value

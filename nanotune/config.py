@@ -471,22 +471,26 @@ def _validate_numbers(config: RunConfig, check) -> None:
     check(math.isfinite(train.neftune_alpha) and train.neftune_alpha >= 0,
           f"train.neftune_alpha must be >= 0 (0 = off), not {train.neftune_alpha}")
     check(config.log.every_steps >= 1, f"log.every_steps must be >= 1, not {config.log.every_steps}")
-    check(config.eval.every_steps >= 0, f"eval.every_steps must be >= 0 (0 = only at the end), not {config.eval.every_steps}")
+    check(config.eval.every_steps >= 0,
+          f"eval.every_steps must be >= 0 (0 = only at the end), not {config.eval.every_steps}")
     check(config.eval.max_batches >= 0, f"eval.max_batches must be >= 0 (0 = all), not {config.eval.max_batches}")
-    check(config.eval.batch_size >= 0, f"eval.batch_size must be >= 0 (0 = train.batch_size), not {config.eval.batch_size}")
+    check(config.eval.batch_size >= 0,
+          f"eval.batch_size must be >= 0 (0 = train.batch_size), not {config.eval.batch_size}")
     check(config.checkpoint.every_steps >= 0,
           f"checkpoint.every_steps must be >= 0 (0 = only the final model), not {config.checkpoint.every_steps}")
     check(config.checkpoint.keep_last >= 0, f"checkpoint.keep_last must be >= 0, not {config.checkpoint.keep_last}")
-    check(config.model.loss_chunk_tokens >= 1, f"model.loss_chunk_tokens must be >= 1, not {config.model.loss_chunk_tokens}")
+    check(config.model.loss_chunk_tokens >= 1,
+          f"model.loss_chunk_tokens must be >= 1, not {config.model.loss_chunk_tokens}")
 
 
 def _validate_model_and_device(config: RunConfig, check) -> None:
     model = config.model
     if not model.path:  # a model built from scratch: its shape must divide (a loaded one brings its own)
         n_kv_heads = model.num_key_value_heads or model.num_attention_heads
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+        sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
+        for key in sizes:
             check(getattr(model, key) >= 1, f"model.{key} must be >= 1, not {getattr(model, key)}")
-        check(model.num_key_value_heads >= 0, f"model.num_key_value_heads must be >= 0 (0 = num_attention_heads)")
+        check(model.num_key_value_heads >= 0, "model.num_key_value_heads must be >= 0 (0 = num_attention_heads)")
         check(model.hidden_size % model.num_attention_heads == 0,
               f"model.hidden_size {model.hidden_size} is not divisible by model.num_attention_heads "
               f"{model.num_attention_heads}")

@@ -41,7 +41,8 @@ def check_data_files(config: RunConfig) -> None:
             raise DataError(f"data.{key}: {error}") from None
         for path in files:
             if path.suffix not in suffixes:
-                raise DataError(f"data.{key}: {path}: unsupported file type {path.suffix!r}; expected {', '.join(suffixes)}")
+                expected = ", ".join(suffixes)
+                raise DataError(f"data.{key}: {path}: unsupported file type {path.suffix!r}; expected {expected}")
             try:
                 with open(path, "rb") as f:
                     f.read(1)

@@ -98,7 +98,8 @@ def read_metadata(path: str | os.PathLike) -> Metadata:
         where = getattr(info, "relative_path", None)
         if not (isinstance(where, str) and where and Path(where).name == where and where not in (".", "..")):
             raise CheckpointStateError(f"{path}: refused, item {index.fqn!r} points outside the folder ({where!r})")
-        if not (isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0 and info.length >= 0):
+        offset, length = info.offset, info.length
+        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0):
             raise CheckpointStateError(f"{path}: refused, item {index.fqn!r} has a bad offset or length")
     return metadata
 
@@ -151,7 +152,8 @@ class SafeFileSystemReader(FileSystemReader):
         except CheckpointStateError:
             raise
         except Exception as error:  # a truncated file, a tensor that is not weights-only, a shape mismatch
-            raise CheckpointStateError(f"{self.folder / self._file_being_read}: cannot be loaded ({_first_line(error)})") from None
+            path = self.folder / self._file_being_read
+            raise CheckpointStateError(f"{path}: cannot be loaded ({_first_line(error)})") from None
 
 
 class _WeightsOnlyBytes:

@@ -47,7 +47,8 @@ def expand_files(patterns: Iterable[str | os.PathLike] | str) -> list[Path]:
         else:
             path = Path(pattern)
             if path.is_dir():
-                raise DataError(f"{path}: is a directory, not a file (to read the files in it, give {path / '*.jsonl'} or similar)")
+                example = path / "*.jsonl"
+                raise DataError(f"{path}: is a directory, not a file (to read the files in it, give {example} or similar)")
             if not path.exists():
                 raise DataError(f"{path}: file not found")
             if not path.is_file():
