@@ -21,6 +21,7 @@ from typing import TextIO
 
 import torch
 
+from .cli import at_least, check_model_folder, positive_float, probability, resolve_device, run_main
 from .data.sft import encode_prompt
 from .data.templates import TEMPLATES, Template, get_template
 from .generate import generate
@@ -137,24 +138,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--template", default="llama2", choices=sorted(TEMPLATES),
                         help="chat template (default llama2)")
     parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=256)
+    parser.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=at_least(1), default=None)
+    parser.add_argument("--top-p", type=probability, default=None, help="in (0, 1]")
+    parser.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="> 0; 1 = off")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible replies)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: as stored")
     parser.add_argument("--verbose", action="store_true", help="print each prompt's text to stderr")
     args = parser.parse_args(argv)
 
-    from .checkpoint import load_pretrained
+    from .checkpoint import load_pretrained, read_config
     from .tokenizer import Tokenizer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Every check that needs no weights comes first, so a mistake costs no model load.
+    device = resolve_device(parser, args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = load_pretrained(args.model, dtype=dtype, device=device)
+    check_model_folder(args.model)
+    read_config(args.model)
     tokenizer = Tokenizer.from_file(args.model)
+    model = load_pretrained(args.model, dtype=dtype, device=device)
     session = ChatSession(
         model, tokenizer, args.template, system=args.system, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -165,4 +169,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

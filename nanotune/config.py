@@ -8,13 +8,20 @@ line) and suggesting the closest known key, before any work is done. Override va
 as TOML (`1e-4`, `true`, `["a", "b"]`); anything that is not TOML is taken as a bare string, and
 a bare string given for a list key becomes a one-element list. The resolved config is written to
 `output_dir/config.toml`, so a run can be repeated exactly.
+
+LoRA: a `[lora]` table switches it on, and so does any `--lora.*` override, unless `enabled` is
+given in so many words (`enabled = false` in the file's table, or `--lora.enabled=...`): then
+that word decides, whatever the order of the arguments. Values are checked by `validate` before
+any work: a learning rate of 0 or a shard size of "5XB" fails now, not after the last step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import sys
 import types
 import typing
@@ -214,8 +221,17 @@ def load_config(argv: list[str] | None, data_class: type = PretrainDataConfig) -
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: invalid TOML ({error})") from None
         _apply_table(config, table, source=str(path))
+        lora_enabled_given = isinstance(table.get("lora"), dict) and "enabled" in table["lora"]
+    else:
+        lora_enabled_given = False
     for key, raw in overrides:
         _apply_override(config, key, raw)
+    # A --lora.* override switches LoRA on, like a [lora] table, unless `enabled` was said in so
+    # many words (in the file's [lora] table or as --lora.enabled): then that word stands, whatever
+    # the order of the arguments.
+    lora_enabled_given = lora_enabled_given or any(key == "lora.enabled" for key, _ in overrides)
+    if not lora_enabled_given and any(key.startswith("lora.") for key, _ in overrides):
+        config.lora.enabled = True
     validate(config)
     return config
 
@@ -250,15 +266,19 @@ def _looks_numeric(text: str) -> bool:
 def _apply_table(config: RunConfig, table: dict, source: str) -> None:
     for key, value in table.items():
         target = getattr(config, key, None) if key in _field_names(config) else None
+        if target is None and isinstance(value, dict):  # a [table] that is not one of our sections
+            section = _closest_section(key, config)
+            hint = f"; did you mean [{section}]?" if section else f"; the sections are {', '.join(_sections(config))}"
+            raise ConfigError(f"{source}: unknown section [{key}]{hint}")
         if dataclasses.is_dataclass(target):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: [{key}] must be a table")
             if key == "lora" and "enabled" not in value:
                 value = {**value, "enabled": True}  # a [lora] table switches LoRA on
             for sub_key, sub_value in value.items():
-                _set_field(target, sub_key, sub_value, source, prefix=f"{key}.")
+                _set_field(target, sub_key, sub_value, source, prefix=f"{key}.", config=config)
         else:
-            _set_field(config, key, value, source, prefix="")
+            _set_field(config, key, value, source, prefix="", config=config)
 
 
 def _apply_override(config: RunConfig, dotted_key: str, raw: str) -> None:
@@ -267,11 +287,16 @@ def _apply_override(config: RunConfig, dotted_key: str, raw: str) -> None:
     target = config
     if section_name:
         if section_name not in _field_names(config) or not dataclasses.is_dataclass(getattr(config, section_name)):
-            raise ConfigError(f"{source}: unknown section {section_name!r}{_suggest(section_name, _sections(config))}")
+            section = _closest_section(section_name, config)
+            if section and f"{section}.{key}" in _known_keys(config):
+                better = section  # --optimizer.lr -> optim
+            else:
+                better = _key_elsewhere(dotted_key, config) or section  # --trainer.learning_rate -> optim.lr
+            hint = f"; did you mean {better!r}?" if better else f"; the sections are {', '.join(_sections(config))}"
+            raise ConfigError(f"{source}: unknown section {section_name!r}{hint}")
         target = getattr(config, section_name)
-        if section_name == "lora" and key != "enabled":
-            config.lora.enabled = True
-    _set_field(target, key, _parse_value(raw), source, prefix=f"{section_name}." if section_name else "", raw=raw)
+    _set_field(target, key, _parse_value(raw), source, prefix=f"{section_name}." if section_name else "", raw=raw,
+               config=config)
 
 
 def _parse_value(raw: str):
@@ -289,30 +314,74 @@ def _sections(config: RunConfig) -> list[str]:
     return [name for name in _field_names(config) if dataclasses.is_dataclass(getattr(config, name))]
 
 
-# The names people bring from transformers' TrainingArguments, mapped to ours.
+# The names people bring from transformers' TrainingArguments / peft / TRL, mapped to ours (the
+# first that exists: `data.max_length` for SFT, `data.seq_len` for pretraining).
 HF_NAMES = {
-    "learning_rate": "lr", "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
-    "num_train_epochs": "epochs", "warmup": "warmup_steps", "lr_scheduler_type": "schedule",
-    "max_grad_norm": "max_grad_norm", "logging_steps": "every_steps", "save_steps": "every_steps",
-    "save_total_limit": "keep_last", "eval_steps": "every_steps", "model_max_length": "max_length",
+    "learning_rate": ["optim.lr"], "lr": ["optim.lr"], "weight_decay": ["optim.weight_decay"],
+    "adam_beta1": ["optim.betas"], "adam_beta2": ["optim.betas"], "adam_epsilon": ["optim.eps"],
+    "warmup": ["optim.warmup_steps"], "warmup_steps": ["optim.warmup_steps"], "warmup_ratio": ["optim.warmup_ratio"],
+    "lr_scheduler_type": ["optim.schedule"], "max_grad_norm": ["optim.max_grad_norm"],
+    "per_device_train_batch_size": ["train.batch_size"], "batch_size": ["train.batch_size"],
+    "gradient_accumulation_steps": ["train.grad_accum"], "num_train_epochs": ["train.epochs"],
+    "max_steps": ["train.max_steps"], "gradient_checkpointing": ["train.activation_checkpointing"],
+    "bf16": ["train.mixed_precision"], "fp16": ["train.mixed_precision"],
+    "neftune_noise_alpha": ["train.neftune_alpha"], "torch_compile": ["train.compile"],
+    "logging_steps": ["log.every_steps"], "save_steps": ["checkpoint.every_steps"],
+    "save_total_limit": ["checkpoint.keep_last"], "resume_from_checkpoint": ["checkpoint.resume"],
+    "overwrite_output_dir": ["checkpoint.overwrite"], "eval_steps": ["eval.every_steps"],
+    "per_device_eval_batch_size": ["eval.batch_size"], "model_name_or_path": ["model.path"],
+    "torch_dtype": ["model.dtype"], "tokenizer_name": ["tokenizer.path"], "tokenizer_name_or_path": ["tokenizer.path"],
+    "model_max_length": ["data.max_length", "data.seq_len"], "max_seq_length": ["data.max_length", "data.seq_len"],
+    "max_length": ["data.max_length", "data.seq_len"], "block_size": ["data.seq_len", "data.max_length"],
+    "train_file": ["data.train_files"], "validation_file": ["data.valid_files"],
+    "lora_r": ["lora.r"], "lora_alpha": ["lora.alpha"], "lora_dropout": ["lora.dropout"],
+    "target_modules": ["lora.targets"], "use_lora": ["lora.enabled"],
 }
 
 
-def _suggest(name: str, candidates: list[str]) -> str:
-    section, _, key = name.rpartition(".")
-    if key in HF_NAMES:
-        renamed = f"{section}.{HF_NAMES[key]}" if section else HF_NAMES[key]
-        if renamed in candidates:
-            return f"; did you mean {renamed!r}?"
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(candidates)}"
+def _known_keys(config: RunConfig) -> list[str]:
+    """Every dotted key the config has: "output_dir", ..., "optim.lr", ..."""
+    keys = [name for name in _field_names(config) if name not in _sections(config)]
+    for section in _sections(config):
+        keys += [f"{section}.{name}" for name in _field_names(getattr(config, section))]
+    return keys
 
 
-def _set_field(obj, key: str, value, source: str, prefix: str, raw: str | None = None) -> None:
+def _suggest(name: str, config: RunConfig) -> str:
+    """"; did you mean 'optim.lr'?" for a mistyped or misplaced key, in any section."""
+    known = _known_keys(config)
+    close = _key_elsewhere(name, config) or next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.5)), None)
+    if close is None:  # compare the key alone: `[data] seq_lenght` is far from every dotted name
+        key = name.rpartition(".")[2]
+        by_key = difflib.get_close_matches(key, [k.rpartition(".")[2] for k in known], n=1, cutoff=0.6)
+        close = next((k for k in known if by_key and k.rpartition(".")[2] == by_key[0]), None)
+    return f"; did you mean {close!r}?" if close else ""
+
+
+def _key_elsewhere(name: str, config: RunConfig) -> str | None:
+    """Our dotted key for a HF name (or a near miss of one: `learnig_rate`) or for a key put in the
+    wrong section (`[train] lr`), whatever section `name` was given in; None if neither."""
+    known = _known_keys(config)
+    key = name.rpartition(".")[2]
+    hf_name = key if key in HF_NAMES else next(iter(difflib.get_close_matches(key, HF_NAMES, n=1, cutoff=0.85)), None)
+    for candidate in HF_NAMES.get(hf_name, []):
+        if candidate in known and candidate != name:
+            return candidate
+    return next((k for k in known if k.rpartition(".")[2] == key and k != name), None)
+
+
+def _closest_section(name: str, config: RunConfig) -> str | None:
+    sections = _sections(config)
+    close = difflib.get_close_matches(name, sections, n=1, cutoff=0.5)
+    if not close:  # [training] -> train
+        close = [s for s in sections if name.lower().startswith(s)]
+    return close[0] if close else None
+
+
+def _set_field(obj, key: str, value, source: str, prefix: str, raw: str | None = None, *, config: RunConfig) -> None:
     names = [n for n in _field_names(obj) if not dataclasses.is_dataclass(getattr(obj, n))]
     if key not in names:
-        known = [prefix + n for n in names]
-        raise ConfigError(f"{source}: unknown key {prefix + key!r}{_suggest(prefix + key, known)}")
+        raise ConfigError(f"{source}: unknown key {prefix + key!r}{_suggest(prefix + key, config)}")
     expected = typing.get_type_hints(type(obj))[key]
     setattr(obj, key, _coerce(value, expected, f"{source}: {prefix + key}", raw))
 
@@ -366,6 +435,9 @@ def validate(config: RunConfig) -> None:
     check(0.0 <= config.train.freeze_bottom_fraction <= 1.0, "train.freeze_bottom_fraction must be in [0, 1]")
     check(config.optim.fused in ("auto", "fused", "foreach", "none"),
           f"optim.fused must be auto, fused, foreach or none, not {config.optim.fused!r}")
+    _validate_numbers(config, check)
+    _validate_model_and_device(config, check)
+    _validate_checkpoint_and_lora(config, check)
     data = config.data
     check(0.0 <= data.valid_fraction < 1.0, "data.valid_fraction must be in [0, 1)")
     if isinstance(data, SFTDataConfig):
@@ -377,8 +449,96 @@ def validate(config: RunConfig) -> None:
         check(data.template in TEMPLATES, f"data.template {data.template!r} is not one of {', '.join(TEMPLATES)}")
         check(data.format == "auto" or data.format in READERS,
               f"data.format {data.format!r} is not auto or one of {', '.join(READERS)}")
+        check(data.max_length >= 1, f"data.max_length must be >= 1 (tokens per sample), not {data.max_length}")
     else:
         check(data.txt_mode in ("line", "paragraph"), f"data.txt_mode must be line or paragraph, not {data.txt_mode!r}")
+        check(data.seq_len >= 1, f"data.seq_len must be >= 1 (tokens per block), not {data.seq_len}")
+
+
+# What the optimizer, the schedule and the loop would reject later, with a traceback, or after
+# hours: checked here so that a mistake costs seconds.
+def _validate_numbers(config: RunConfig, check) -> None:
+    optim, train = config.optim, config.train
+    check(math.isfinite(optim.lr) and optim.lr > 0, f"optim.lr must be a finite number > 0, not {optim.lr}")
+    check(math.isfinite(optim.eps) and optim.eps >= 0, f"optim.eps must be >= 0, not {optim.eps}")
+    check(len(optim.betas) == 2 and all(0.0 <= b < 1.0 for b in optim.betas),
+          f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.95], not {optim.betas}")
+    check(math.isfinite(optim.weight_decay) and optim.weight_decay >= 0,
+          f"optim.weight_decay must be >= 0, not {optim.weight_decay}")
+    check(optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, not {optim.warmup_steps}")
+    check(math.isfinite(optim.max_grad_norm) and optim.max_grad_norm >= 0,
+          f"optim.max_grad_norm must be >= 0 (0 = no clipping), not {optim.max_grad_norm}")
+    check(train.max_steps >= 0, f"train.max_steps must be >= 0 (0 = run train.epochs), not {train.max_steps}")
+    check(math.isfinite(train.epochs) and train.epochs >= 0, f"train.epochs must be >= 0, not {train.epochs}")
+    check(math.isfinite(train.neftune_alpha) and train.neftune_alpha >= 0,
+          f"train.neftune_alpha must be >= 0 (0 = off), not {train.neftune_alpha}")
+    check(config.log.every_steps >= 1, f"log.every_steps must be >= 1, not {config.log.every_steps}")
+    check(config.eval.every_steps >= 0,
+          f"eval.every_steps must be >= 0 (0 = only at the end), not {config.eval.every_steps}")
+    check(config.eval.max_batches >= 0, f"eval.max_batches must be >= 0 (0 = all), not {config.eval.max_batches}")
+    check(config.eval.batch_size >= 0,
+          f"eval.batch_size must be >= 0 (0 = train.batch_size), not {config.eval.batch_size}")
+    check(config.checkpoint.every_steps >= 0,
+          f"checkpoint.every_steps must be >= 0 (0 = only the final model), not {config.checkpoint.every_steps}")
+    check(config.checkpoint.keep_last >= 0, f"checkpoint.keep_last must be >= 0, not {config.checkpoint.keep_last}")
+    check(config.model.loss_chunk_tokens >= 1,
+          f"model.loss_chunk_tokens must be >= 1, not {config.model.loss_chunk_tokens}")
+
+
+def _validate_model_and_device(config: RunConfig, check) -> None:
+    model = config.model
+    if not model.path:  # a model built from scratch: its shape must divide (a loaded one brings its own)
+        n_kv_heads = model.num_key_value_heads or model.num_attention_heads
+        sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
+        for key in sizes:
+            check(getattr(model, key) >= 1, f"model.{key} must be >= 1, not {getattr(model, key)}")
+        check(model.num_key_value_heads >= 0, "model.num_key_value_heads must be >= 0 (0 = num_attention_heads)")
+        check(model.hidden_size % model.num_attention_heads == 0,
+              f"model.hidden_size {model.hidden_size} is not divisible by model.num_attention_heads "
+              f"{model.num_attention_heads}")
+        check((model.hidden_size // model.num_attention_heads) % 2 == 0,
+              f"model.hidden_size / model.num_attention_heads = {model.hidden_size // model.num_attention_heads} "
+              "must be even (rotary embeddings rotate pairs of channels)")
+        check(model.num_attention_heads % n_kv_heads == 0,
+              f"model.num_attention_heads {model.num_attention_heads} is not divisible by "
+              f"model.num_key_value_heads {n_kv_heads}")
+    device = config.train.device
+    check(device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda":
+        import torch  # here, not at the top: reading a config stays light
+
+        check(torch.cuda.is_available(), "train.device = cuda, but no CUDA device is available (use auto or cpu)")
+
+
+# Aliases of the final model's dtype; validate() rewrites them to the first name, the one
+# torch spells, so later code needs one spelling.
+FINAL_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16"}
+# The size grammar of checkpoint.parse_size, repeated here so that config.py does not import
+# checkpoint.py (and through it torch and the model) just to read a config.
+SIZE_PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", flags=re.IGNORECASE)
+
+
+def _validate_checkpoint_and_lora(config: RunConfig, check) -> None:
+    checkpoint, lora = config.checkpoint, config.lora
+    final_dtype = checkpoint.final_dtype.lower()
+    check(final_dtype == "" or final_dtype in FINAL_DTYPES,
+          f"checkpoint.final_dtype must be empty (as trained), float32, bfloat16 or float16 (or fp32, bf16, fp16), "
+          f"not {checkpoint.final_dtype!r}")
+    checkpoint.final_dtype = FINAL_DTYPES.get(final_dtype, "")
+    size = SIZE_PATTERN.fullmatch(checkpoint.max_shard_size)
+    check(size is not None and float(size.group(1)) > 0,
+          f"checkpoint.max_shard_size {checkpoint.max_shard_size!r} is not a size, e.g. '5GB', '500MB' or '2GiB'")
+    check(lora.r >= 1, f"lora.r must be >= 1, not {lora.r}")
+    check(math.isfinite(lora.alpha) and lora.alpha > 0, f"lora.alpha must be > 0, not {lora.alpha}")
+    check(0.0 <= lora.dropout < 1.0, f"lora.dropout must be in [0, 1), not {lora.dropout}")
+    if lora.enabled:
+        check(config.train.trainable == ["all"],
+              f"train.trainable = {config.train.trainable} has no effect with LoRA (the adapters are what trains); "
+              "remove it, or set lora.enabled = false")
+        check(config.train.freeze_bottom_fraction == 0.0,
+              "train.freeze_bottom_fraction has no effect with LoRA (the adapters are what trains); remove it, "
+              "or set lora.enabled = false")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,12 +35,14 @@ import torch
 from tqdm import tqdm
 
 from .chat import clean_reply
+from .cli import at_least, check_model_folder, resolve_device, run_main
 from .data.collate import PaddingCollator
+from .data.records import DataError
 from .data.sft import encode_conversation, encode_prompt
-from .loss import IGNORE_INDEX
 from .data.templates import TEMPLATES, Template, get_template
 from .files import write_lines_atomically
 from .generate import generate_batch
+from .loss import IGNORE_INDEX
 from .metrics import corpus_bleu, corpus_rouge_l
 
 
@@ -97,7 +99,7 @@ def conversation_loss(
     finally:
         model.train(was_training)
     if n_target_tokens == 0:
-        raise ValueError("no conversation has a reply token to score (all empty or dropped)")
+        raise DataError("no conversation has a reply token to score (all empty, or dropped by the max length)")
     loss = total_loss / n_target_tokens
     return {
         "loss": loss,
@@ -167,29 +169,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--template", required=True, choices=sorted(TEMPLATES),
                         help="chat template the model was trained with")
     parser.add_argument("--format", default="auto", help="data format (default: detected from the first record)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--max-length", type=at_least(1), default=None,
                         help="truncate conversations for the loss, as in training")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N conversations")
+    parser.add_argument("--limit", type=at_least(1), default=None, help="evaluate only the first N conversations")
     parser.add_argument("--generate", action="store_true", help="also generate replies and score BLEU-4 / ROUGE-L")
     parser.add_argument("--predictions", default=None, help="write predictions to this JSONL (implies --generate)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=64)
     parser.add_argument("--tokenize", default="char", choices=["char", "word"], help="metric tokens (default char)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: as stored")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = parser.parse_args(argv)
 
-    from .checkpoint import load_pretrained
-    from .data.formats import read_conversations
+    from .checkpoint import load_pretrained, read_config
+    from .data.formats import READERS, read_conversations
     from .tokenizer import Tokenizer
 
+    if args.format != "auto" and args.format not in READERS:
+        parser.error(f"--format {args.format}: expected auto or one of {', '.join(READERS)}")
+    # Every check that needs no weights comes first, so a mistake costs no model load.
+    device = resolve_device(parser, args.device)
+    if args.predictions and Path(args.predictions).is_dir():
+        parser.error(f"--predictions {args.predictions}: is a directory; give the .jsonl file to write")
+    check_model_folder(args.model)
+    read_config(args.model)
+    tokenizer = Tokenizer.from_file(args.model)
     conversations = read_conversations(args.data, format=args.format)
+    if not conversations:
+        raise DataError(f"{', '.join(args.data)}: no conversations to evaluate")
     if args.limit is not None:
         conversations = conversations[: args.limit]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
-    tokenizer = Tokenizer.from_file(args.model)
     result = evaluate_model(
         model, tokenizer, conversations, args.template, batch_size=args.batch_size, max_length=args.max_length,
         generate=args.generate or args.predictions is not None, max_new_tokens=args.max_new_tokens,
@@ -210,4 +221,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

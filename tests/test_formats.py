@@ -205,7 +205,7 @@ def test_converter_cli_runs_as_a_module_and_reports_bad_lines(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "nanotune.data.convert", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]
     failed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert failed.returncode == 1
+    assert failed.returncode == 2  # a user error, as in every entry point
     assert f"{source}:2: message 1 (assistant): empty content" in failed.stderr
     assert not (tmp_path / "o.jsonl").exists()
     done = subprocess.run(command + ["--skip-invalid"], capture_output=True, text=True, env=env, cwd=tmp_path)

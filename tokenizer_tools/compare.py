@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nanotune.data.records import DataError, expand_files
+from nanotune.data.records import DataError, expand_files, os_error_line
 from nanotune.tokenizer import Tokenizer, TokenizerError
 from tokenizer_tools.train_spm import HelpFormatter, iter_texts
 
@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"{args.input}: no non-empty lines to compare on")
     except (TokenizerError, DataError) as error:
         print(f"compare: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an output folder that cannot be made or written, an unreadable input
+        print(f"compare: error: {os_error_line(error)}", file=sys.stderr)
         return 2
     results = [measure(tokenizer, lines, str(path), progress=not args.no_progress)
                for tokenizer, path in zip(tokenizers, args.tokenizer)]

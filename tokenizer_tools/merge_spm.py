@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nanotune.data.records import DataError
+    from nanotune.data.records import DataError, os_error_line
 
     args = build_parser().parse_args(argv)
     base_path = args.base / "tokenizer.model" if args.base.is_dir() else args.base
@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         check_lines = _read_check_lines(args.check_input, args.check_lines) if args.check_input else []
     except (MergeError, TokenizerError, DataError) as error:
         print(f"merge_spm: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an output folder that cannot be made or written, an unreadable input
+        print(f"merge_spm: error: {os_error_line(error)}", file=sys.stderr)
         return 2
 
     n_new = len(result.added)

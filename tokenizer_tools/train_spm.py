@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanotune.data.records import DataError, expand_files, iter_json_records
+from nanotune.data.records import DataError, expand_files, iter_json_records, iter_text_lines, os_error_line
 
 # The settings that make a model mergeable into LLaMA-1/2 (see the module docstring).
 LLAMA_TRAINER_DEFAULTS = {
@@ -71,13 +71,10 @@ def iter_texts(files: list[Path], text_field: str = "text") -> Iterator[tuple[Pa
                     raise DataError(f"{path}:{line_number}: field {text_field!r} is {found}, expected a string")
                 yield path, line_number, text
             continue
-        with open(path, "rb") as f:
-            for line_number, raw in enumerate(f, start=1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    raise DataError(f"{path}:{line_number}: not UTF-8 text ({error.reason})") from None
-                yield path, line_number, text.rstrip("\r\n")
+        for line_number, text, problem in iter_text_lines(path):  # a BOM is stripped
+            if problem is not None:
+                raise DataError(f"{path}:{line_number}: {problem}")
+            yield path, line_number, text
 
 
 @dataclass
@@ -322,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
     except (DataError, TrainError) as error:
         print(f"train_spm: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an output folder that cannot be made or written, an unreadable input
+        print(f"train_spm: error: {os_error_line(error)}", file=sys.stderr)
         return 2
     print(summary(Path(f"{args.output}.model"), stats, seconds))
     return 0

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from nanotune.data.formats import READERS, iter_conversation_records
-from nanotune.data.records import DataError
+from nanotune.data.records import DataError, os_error_line
 from nanotune.files import write_lines_atomically
 
 
@@ -70,10 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.dev_size < 0:
         parser.error("--dev-size must be >= 0")
     try:
+        for path in (args.output, args.dev_output):
+            if path and Path(path).is_dir():
+                raise DataError(f"{path}: is a directory; give the .jsonl file to write")
         stats = convert(args.input, args.output, args.format, args.dev_size, args.dev_output, args.skip_invalid)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
+    except OSError as error:  # an output folder that cannot be made or written
+        print(f"error: {os_error_line(error)}", file=sys.stderr)
+        return 2
     print(f"records: {stats['records']} read, {stats['invalid']} invalid skipped")
     print(f"train: {stats['train_conversations']} conversations -> {stats['output']}")
     if "dev_output" in stats:

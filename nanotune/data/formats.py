@@ -27,13 +27,12 @@ skips it and counts it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from nanotune.data.records import DataError, expand_files, iter_json_records
+from nanotune.data.records import DataError, expand_files, iter_json_records, iter_jsonl_values
 
 logger = logging.getLogger("nanotune")
 
@@ -261,6 +260,8 @@ def iter_conversation_records(
     for key in ("records", "invalid", "conversations"):
         stats.setdefault(key, 0)
     for path in expand_files(paths):
+        if path.suffix not in (".jsonl", ".json"):
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; conversations come in .jsonl or .json")
         file_format = None if format == "auto" else format
         for line, record, error in _iter_records(path, skip_invalid):
             stats["records"] += 1
@@ -283,7 +284,7 @@ def iter_conversation_records(
 
 
 def _iter_records(path: Path, skip_invalid: bool) -> Iterator[tuple[int, object, str | None]]:
-    """(line, record, None), or (line, None, error) for a line that is not JSON when skipping.
+    """(line, record, None), or (line, None, error) for a line that is not JSON (or not UTF-8) when skipping.
 
     `iter_json_records` stops at the first bad line; with `skip_invalid` a `.jsonl` file is read
     line by line here instead, so that one broken line costs one record, not the rest of the file.
@@ -292,14 +293,7 @@ def _iter_records(path: Path, skip_invalid: bool) -> Iterator[tuple[int, object,
         for line, record in iter_json_records(path):
             yield line, record, None
         return
-    with open(path, encoding="utf-8") as f:
-        for line_number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield line_number, json.loads(text), None
-            except json.JSONDecodeError as error:
-                yield line_number, None, f"not valid JSON ({error.msg})"
+    yield from iter_jsonl_values(path)
 
 
 def read_conversations(

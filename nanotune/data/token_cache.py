@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nanotune.data.records import DataError, expand_files, iter_json_records
+from nanotune.data.records import DataError, expand_files, iter_json_records, iter_jsonl_values, iter_text_lines
 
 logger = logging.getLogger("nanotune")
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: a BOM is stripped, lone surrogates refused
 TXT_MODES = ("line", "paragraph")
 CHUNK_CHARACTERS = 1 << 20  # texts are tokenised in chunks of about this many characters
 
@@ -119,20 +119,16 @@ def _documents_of_file(path: Path, options: dict, skipped: list | None = None) -
 def _txt_documents(path: Path, txt_mode: str) -> Iterator[tuple[str | None, str | None]]:
     """(text, None) per document, or (None, "file:line: problem") for a line that is not UTF-8."""
     paragraph: list[str] = []
-    with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as error:
-                yield None, f"{path}:{line_number}: not valid UTF-8 ({error.reason} at byte {error.start})"
-                continue
-            if txt_mode == "line":
-                yield line, None
-            elif line.strip():
-                paragraph.append(line)
-            elif paragraph:
-                yield "\n".join(paragraph), None
-                paragraph = []
+    for line_number, line, problem in iter_text_lines(path):
+        if problem is not None:
+            yield None, f"{path}:{line_number}: {problem}"
+        elif txt_mode == "line":
+            yield line, None
+        elif line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield "\n".join(paragraph), None
+            paragraph = []
     if paragraph:
         yield "\n".join(paragraph), None
 
@@ -166,18 +162,10 @@ def _json_documents(path, text_fields, field_separator) -> Iterator[tuple[str | 
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, object, str | None]]:
-    """Like `iter_json_records` for .jsonl, but a bad line (bad JSON or bad UTF-8) is handed back
-    as a problem, so that `skip_invalid` can skip it and reading goes on."""
-    with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield line_number, json.loads(raw.decode("utf-8")), None
-            except UnicodeDecodeError as error:
-                yield line_number, None, f"{path}:{line_number}: not valid UTF-8 ({error.reason})"
-            except json.JSONDecodeError as error:
-                yield line_number, None, f"{path}:{line_number}: not valid JSON ({error.msg})"
+    """Like `iter_json_records` for .jsonl, but a bad line (bad JSON, bad UTF-8, a lone surrogate)
+    is handed back as a problem, so that `skip_invalid` can skip it and reading goes on."""
+    for line_number, value, problem in iter_jsonl_values(path):
+        yield line_number, value, None if problem is None else f"{path}:{line_number}: {problem}"
 
 
 # ----------------------------------------------------------------------------------------------

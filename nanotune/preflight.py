@@ -1,0 +1,108 @@
+"""Checks that need the config and the input files but not the model, run before the model loads.
+
+Loading a 7B model takes minutes; a data path with a typo, a corpus smaller than one batch or a
+tokenizer that does not belong to the model should cost seconds instead. Each check raises one
+line naming the file or key and what to change:
+
+* `check_data_files(config)`: every `data.train_files` / `data.valid_files` path or glob names
+  readable files of a type the reader knows (a folder is "is a directory", not "not found");
+* `check_tokenizer_fits_model(tokenizer, model_path)`: a `tokenizer.path` other than the model's
+  own must be the model's vocabulary, or an extension of it with new pieces appended after the
+  model's ids (the vocabulary-growth case); any other tokenizer would train every id on the
+  wrong embedding row;
+* `check_enough_samples(n_samples, config, world_size, files)`: the data set fills at least
+  one global batch (called once the data is tokenised and its size known).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, SFTDataConfig
+from .data.records import DataError, expand_files
+
+PRETRAIN_SUFFIXES = (".txt", ".jsonl", ".json")
+SFT_SUFFIXES = (".jsonl", ".json")
+
+
+def check_data_files(config: RunConfig) -> None:
+    """Every configured data file exists, is a readable file, and has a suffix its reader reads."""
+    if not config.data.train_files:
+        raise ConfigError("data.train_files is empty: give the training files (paths or globs)")
+    suffixes = SFT_SUFFIXES if isinstance(config.data, SFTDataConfig) else PRETRAIN_SUFFIXES
+    for key in ("train_files", "valid_files"):
+        patterns = getattr(config.data, key)
+        if not patterns:
+            continue
+        try:
+            files = expand_files(patterns)
+        except DataError as error:
+            raise DataError(f"data.{key}: {error}") from None
+        for path in files:
+            if path.suffix not in suffixes:
+                expected = ", ".join(suffixes)
+                raise DataError(f"data.{key}: {path}: unsupported file type {path.suffix!r}; expected {expected}")
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+            except OSError as error:
+                raise DataError(f"data.{key}: {path}: cannot be read ({error.strerror})") from None
+
+
+def check_enough_samples(n_samples: int, config: RunConfig, world_size: int, files) -> None:
+    """At least one global batch (batch_size x grad_accum x world_size samples) in the data set.
+
+    Fewer would leave an epoch with no step; the sampler refuses it too, but naming its own
+    arguments, not the keys a user can change.
+    """
+    batch_size, grad_accum = config.train.batch_size, config.train.grad_accum
+    global_batch = batch_size * grad_accum * world_size
+    if n_samples >= global_batch:
+        return
+    if isinstance(config.data, SFTDataConfig):
+        what = "samples" if not config.data.packing else f"packed rows of data.max_length {config.data.max_length}"
+    else:
+        what = f"blocks of data.seq_len {config.data.seq_len} tokens"
+    names = ", ".join(str(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files))
+    raise ConfigError(
+        f"{names}: {n_samples} {what}, fewer than one global batch of {global_batch} "
+        f"(train.batch_size {batch_size} x train.grad_accum {grad_accum} x {world_size} rank(s)); "
+        "lower train.batch_size or train.grad_accum, or add data"
+    )
+
+
+def check_tokenizer_fits_model(tokenizer, model_path: str | os.PathLike) -> None:
+    """Refuse a tokenizer whose ids mean other pieces than the model's own tokenizer's.
+
+    The model learned one embedding row per id of its own tokenizer. Another tokenizer is fine
+    only if it spells every one of those ids with the same piece and adds its new pieces after
+    them (a merged Chinese vocabulary: `build_model` then grows the embeddings). A model folder
+    without a tokenizer cannot be checked and passes. Reads only the two tokenizer files.
+    """
+    from .tokenizer import Tokenizer, TokenizerError
+
+    try:
+        own = Tokenizer.from_file(model_path)
+    except TokenizerError:
+        return
+    if Path(own.path).resolve() == Path(tokenizer.path).resolve():
+        return
+    n_model, n_configured = own.vocab_size, tokenizer.vocab_size
+    differing = [i for i in range(min(n_model, n_configured)) if own.id_to_piece(i) != tokenizer.id_to_piece(i)]
+    n_missing = max(0, n_model - n_configured)
+    if not differing and not n_missing:
+        return
+    if differing:
+        first = differing[0]
+        example = (f"; e.g. id {first} is {own.id_to_piece(first)!r} in the model's and "
+                   f"{tokenizer.id_to_piece(first)!r} in tokenizer.path")
+    else:
+        example = ""
+    missing = f" and {n_missing} of the model's ids are missing from it" if n_missing else ""
+    raise ConfigError(
+        f"tokenizer.path {tokenizer.path} does not fit model.path {model_path} (whose tokenizer is {own.path}): "
+        f"{len(differing)} of the model's {n_model} ids map to other pieces{missing}{example}; "
+        "a tokenizer may only extend the model's (the same pieces, new ones appended): "
+        "leave tokenizer.path empty to use the model's own"
+    )
