@@ -117,8 +117,10 @@ def test_without_a_chat_template_auto_picks_by_vocabulary_and_names_are_unchecke
         assert resolve_template("auto", tokenizer).name == template_check.DEFAULT_TEMPLATE == "llama2"
         assert resolve_template("belle", tokenizer).name == "belle"
     assert "has no chat_template" in caplog.text and "used unchecked" in caplog.text
-    qwen3 = shared_folder("qwen3")
-    bare = Tokenizer.from_file(with_chat_template(qwen3, tmp_path / "bare_qwen3", None))
+
+
+def test_without_a_chat_template_auto_picks_chatml_for_a_qwen_vocabulary(tmp_path):
+    bare = Tokenizer.from_file(with_chat_template(shared_folder("qwen3"), tmp_path / "bare_qwen3", None))
     assert resolve_template("auto", bare).name == "chatml"  # <|im_start|> in the vocabulary
 
 
