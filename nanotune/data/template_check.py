@@ -157,8 +157,9 @@ def encode_rendered(text: str, tokenizer) -> list[int]:
     return ids + (tokenizer.encode(piece) if piece else [])
 
 
-def first_difference(ours: list[int], theirs: list[int], tokenizer, width: int = 4) -> str | None:
-    """Where two id lists first differ, as the pieces of both sides from there; None if equal."""
+def first_difference(ours: list[int], theirs: list[int], tokenizer, width: int = 4) -> tuple[int, str] | None:
+    """(position, description) of the first difference of two id lists, showing the pieces of both
+    sides from there; None if they are equal."""
     if ours == theirs:
         return None
     at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
@@ -167,35 +168,45 @@ def first_difference(ours: list[int], theirs: list[int], tokenizer, width: int =
         pieces = [repr(tokenizer.id_to_piece(i)) for i in ids[at : at + width]]
         return " ".join(pieces) + (" ..." if len(ids) > at + width else "") if pieces else "(end)"
 
-    return f"token {at}: ours {shown(ours)} vs the model's {shown(theirs)}"
+    return at, f"token {at}: ours {shown(ours)} vs the model's {shown(theirs)}"
 
 
 def compare_with_jinja(template: str | Template, tokenizer, chat_template: str) -> str | None:
     """None if `template` gives the ids `chat_template` gives on every probe (whole conversations
-    and generation prompts), else a line saying where the first probe differs.
+    and generation prompts), else a line saying where the first probe differs."""
+    mismatch = _first_mismatch(get_template(template), tokenizer, chat_template)
+    return None if mismatch is None else mismatch[1]
 
-    A probe the model's Jinja refuses (some templates raise on a system prompt) is left out.
+
+def _first_mismatch(template: Template, tokenizer, chat_template: str) -> tuple[int, str] | None:
+    """(token position or -1, line) of the first probe on which the two differ, or None.
+
+    A probe the model's Jinja refuses (some templates raise on a system prompt) is left out; a
+    Jinja that refuses every probe matches nothing.
     """
     import jinja2
 
-    template = get_template(template)
     variables = {**tokenizer.special_tokens, **template.jinja_variables}
+    n_compared = 0
     for name, messages in PROBES.items():
         for generation_prompt in (False, True):
             shown = messages[:-1] if generation_prompt else messages
             try:
                 theirs = encode_rendered(render_jinja(chat_template, shown, generation_prompt, **variables), tokenizer)
-            except jinja2.exceptions.TemplateError:
+            except (jinja2.exceptions.TemplateError, TypeError):  # refused, or messages it cannot read
                 continue
             try:
                 segments = template.segments(shown, add_generation_prompt=generation_prompt)
                 ours = tokenize_segments(segments, tokenizer).ids
             except ValueError as error:  # e.g. the template needs a BOS this tokenizer lacks
-                return f"probe {name!r}: {error}"
+                return -1, f"probe {name!r}: {error}"
+            n_compared += 1
             difference = first_difference(ours, theirs, tokenizer)
             if difference is not None:
                 kind = "generation prompt" if generation_prompt else "conversation"
-                return f"probe {name!r} ({kind}) differs at {difference}"
+                return difference[0], f"probe {name!r} ({kind}) differs at {difference[1]}"
+    if n_compared == 0:
+        return -1, "the chat_template raised an error on every probe conversation"
     return None
 
 
@@ -228,16 +239,16 @@ def resolve_template(setting: str, tokenizer, check: bool = True) -> Template:
         name = next((name for piece, name in DEFAULT_BY_PIECE if tokenizer.piece_to_id(piece) is not None), DEFAULT_TEMPLATE)
         logger.info("data.template auto: %s by the vocabulary (%s)", name, _why_no_oracle(chat_template, where))
         return get_template(name)
-    differences = {}
-    for name, template in TEMPLATES.items():
-        differences[name] = compare_with_jinja(template, tokenizer, chat_template)
-        if differences[name] is None:
+    mismatches = {}
+    for name, template in TEMPLATES.items():  # the first that matches: qwen3 before qwen3_nothink
+        mismatches[name] = _first_mismatch(template, tokenizer, chat_template)
+        if mismatches[name] is None:
             logger.info("data.template auto: %s, which renders the probe conversations exactly as %s's chat template", name, where)
             return template
-    closest = max(differences, key=lambda name: _position(differences[name]))
+    closest = max(mismatches, key=lambda name: mismatches[name][0])  # the one that agrees longest
     raise ConfigError(
         f"data.template = \"auto\": no built-in template renders as the chat_template of {where} "
-        f"(closest: {closest}, {differences[closest]}); name one and set data.template_check = false"
+        f"(closest: {closest}, {mismatches[closest][1]}); name one and set data.template_check = false"
     )
 
 
@@ -262,10 +273,3 @@ def _why_no_oracle(chat_template: str | None, where) -> str:
         return f"{where} has no chat_template to check it against"
     return "jinja2 is not installed (pip install nanotune[chat]) to check it against the chat_template"
 
-
-def _position(difference: str) -> int:
-    """The token position in a `compare_with_jinja` line (-1 when it has none), to find the closest."""
-    marker = "differs at token "
-    if marker not in difference:
-        return -1
-    return int(difference.split(marker)[1].split(":")[0])
