@@ -241,3 +241,14 @@ def test_built_in_jinja_renders_the_text_of_its_template():
                 conversation = messages[:-1] if prompt else messages
                 expected = "".join(s.text if s.special is None else shown[s.special] for s in template.segments(conversation, prompt))
                 assert render_jinja(template.chat_template(), conversation, prompt, **variables) == expected, (name, prompt)
+
+
+def test_a_new_table_entry_gets_its_jinja_too():
+    from nanotune.data.template_check import render_jinja
+
+    chinese = TableTemplate(name="问答", user_format="问：{content}\n", assistant_prefix="答🙂：", reply_suffix="\n\n",
+                            default_system="你是\"助手\"\\。", system_format="{content}\n")
+    for prompt in (False, True):
+        messages = CONVERSATION[:-1] if prompt else CONVERSATION
+        expected = chinese.render(messages, prompt).replace("<s>", "[B]").replace("</s>", "[E]")
+        assert render_jinja(chinese.chat_template(), messages, prompt, bos_token="[B]", eos_token="[E]") == expected

@@ -255,8 +255,9 @@ class TableTemplate(Template):
 
 
 def _jinja_string(text: str) -> str:
-    """`text` as a Jinja string literal (JSON's escapes are ones Jinja reads back)."""
-    return json.dumps(text)
+    """`text` as a Jinja string literal: JSON's escapes are ones Jinja reads back, and characters
+    outside ASCII are left as they are (Jinja would read JSON's surrogate pairs as two characters)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _jinja_format(format_string: str, expression: str) -> str:
