@@ -290,8 +290,8 @@ class Qwen3Template(Template):
     * The final reply is written with its think block: `<|im_start|>assistant\\n<think>\\n{reasoning}
       \\n</think>\\n\\n{answer}<|im_end|>\\n`, and with an empty one (`<think>\\n\\n</think>\\n\\n`) when
       it has no reasoning. The reasoning comes from "reasoning_content" or from `<think>...</think>`
-      in the content (`split_reasoning`). The think block is trained with the answer: the model
-      learns to write it.
+      in the content (`split_reasoning`; the data readers hand reasoning over inline in the
+      content). The think block is trained with the answer: the model learns to write it.
     * Earlier replies lose their reasoning: `<|im_start|>assistant\\n{answer}<|im_end|>\\n`, as Qwen3
       sees its past turns at inference. So by default a multi-turn conversation trains the final
       reply with its reasoning and the earlier ones without. To train every reply with its
@@ -330,7 +330,8 @@ class Qwen3Template(Template):
             if turn < len(pairs) - 1:  # an earlier reply: its reasoning is dropped
                 out.append(Segment(answer + "<|im_end|>", trainable=True, turn=turn))
             else:
-                think = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n"
+                reasoning = reasoning.strip("\n")
+                think = f"<think>\n{reasoning}\n</think>\n\n"
                 answer = answer.lstrip("\n") + "<|im_end|>"
                 if self.think_in_prompt and think == self.EMPTY_THINK:
                     out += [Segment(think, turn=turn), Segment(answer, trainable=True, turn=turn)]
