@@ -96,7 +96,9 @@ class SFTDataConfig:
     valid_files: list[str] = field(default_factory=list)
     valid_fraction: float = 0.0
     format: str = "auto"  # messages | sharegpt | alpaca | panda | tcm_qg | auto
-    template: str = "llama2"
+    template: str = "llama2"  # a name in data/templates.py, or "auto": the one the model's chat_template renders
+    template_check: bool = True  # stop if the template renders differently from the model's chat_template
+    reasoning_turns: str = "last"  # last | every: qwen3 trains earlier replies without / with their reasoning
     max_length: int = 1024
     truncation: str = "truncate"  # drop | truncate | truncate_left
     train_on_prompt: bool = False
@@ -446,7 +448,9 @@ def validate(config: RunConfig) -> None:
 
         check(data.truncation in ("drop", "truncate", "truncate_left"),
               f"data.truncation must be drop, truncate or truncate_left, not {data.truncation!r}")
-        check(data.template in TEMPLATES, f"data.template {data.template!r} is not one of {', '.join(TEMPLATES)}")
+        check(data.template == "auto" or data.template in TEMPLATES,
+              f"data.template {data.template!r} is not one of {', '.join(TEMPLATES)} or auto")
+        check(data.reasoning_turns in ("last", "every"), f"data.reasoning_turns must be last or every, not {data.reasoning_turns!r}")
         check(data.format == "auto" or data.format in READERS,
               f"data.format {data.format!r} is not auto or one of {', '.join(READERS)}")
         check(data.max_length >= 1, f"data.max_length must be >= 1 (tokens per sample), not {data.max_length}")

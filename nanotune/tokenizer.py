@@ -9,6 +9,12 @@
 (packing, chat templates), and a tokenizer that silently adds a BOS is the most common source of a
 doubled `<s><s>` in fine-tuning data.
 
+BOS, EOS and pad are what the folder's `tokenizer_config.json` (or `special_tokens_map.json`) says,
+and a key it sets to null means "none": Qwen has no BOS, so `bos_id` is None and no BOS is put in
+front of pretraining documents or conversations, even though its vocabulary happens to contain an
+ordinary piece spelled `<s>`. Only a `tokenizer.json` with no such file beside it, converted from a
+LLaMA-2-style SentencePiece model, falls back to the pieces `<s>`, `</s>`, `<pad>`.
+
 `sentencepiece_to_hf_json` converts a SentencePiece BPE model into an equivalent `tokenizer.json`
 (the LLaMA layout: a "▁" prepended, spaces turned into "▁", byte fallback), so that both libraries,
 and `transformers`, read one vocabulary and give the same ids.
@@ -105,21 +111,52 @@ class Tokenizer:
         """The text a single piece stands for ("▁hello" -> " hello"); "" for special and byte pieces."""
         return self._backend.piece_text(token_id)
 
-    def save(self, folder: str | os.PathLike) -> None:
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The text of BOS, EOS, pad and unk ("bos_token": "<s>", ...), for a Jinja chat template.
+
+        These are the names transformers hands a chat template; a token this tokenizer lacks is absent.
+        """
+        return self._backend.special_tokens
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template saved with this tokenizer, or None.
+
+        Read as transformers reads it: `chat_template.jinja` beside the tokenizer if present, else
+        `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates, of which
+        "default" is taken).
+        """
+        return read_chat_template(self.path.parent)
+
+    def save(self, folder: str | os.PathLike, chat_template: str | None = None) -> None:
         """Copy the tokenizer into `folder`, beside a saved model, under the names HF expects.
 
         A SentencePiece model also gets its `tokenizer.json` twin, so `transformers` loads the folder.
+        `chat_template` (a Jinja string) is written into `tokenizer_config.json`, so that
+        `apply_chat_template` on the saved folder lays conversations out as training did; see
+        `nanotune.data.template_check.saved_chat_template` for the string that does.
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.path, folder / self._canonical_name())
         if self.path.name in ("tokenizer.model", "tokenizer.json"):
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
                 companion = self.path.parent / name
                 if companion.exists() and companion != self.path:
                     shutil.copyfile(companion, folder / name)
         if self.kind == "sentencepiece" and not (folder / "tokenizer.json").exists():
             write_hf_tokenizer_files(folder / "tokenizer.model", folder)
+        config_file = folder / "tokenizer_config.json"
+        if not config_file.exists():  # a bare tokenizer.json: say what transformers should build
+            config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens}
+            _write_atomic(config_file, json.dumps(config, indent=2, ensure_ascii=False))
+        if chat_template is not None:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config["chat_template"] = chat_template
+            _write_atomic(config_file, json.dumps(config, indent=2, ensure_ascii=False))
+            if (folder / "chat_template.jinja").exists():  # transformers would read that one first
+                _write_atomic(folder / "chat_template.jinja", chat_template)
 
     def _canonical_name(self) -> str:
         return "tokenizer.json" if self.kind == "hf" else "tokenizer.model"
@@ -154,6 +191,9 @@ class _SentencePieceBackend:
         self.bos_id = _non_negative(self.sp.bos_id())
         self.eos_id = _non_negative(self.sp.eos_id())
         self.pad_id = _non_negative(self.sp.pad_id())
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id,
+                 "unk_token": _non_negative(self.sp.unk_id())}
+        self.special_tokens = {key: self.sp.IdToPiece(i) for key, i in names.items() if i is not None}
 
     def encode_batch(self, texts):
         if len(texts) == 1:
@@ -189,18 +229,24 @@ class _HFBackend:
         except Exception as error:  # tokenizers raises a bare Exception on bad files
             raise TokenizerError(f"{path}: not a tokenizers JSON file ({error})") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        special = _special_tokens_beside(path)
-        self.bos_id = self._find(special.get("bos_token"), ["<s>", "<|begin_of_text|>", "<|im_start|>"])
-        self.eos_id = self._find(special.get("eos_token"), ["</s>", "<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"])
-        self.pad_id = self._find(special.get("pad_token"), ["<pad>", "<|finetune_right_pad_id|>"])
-
-    def _find(self, configured, fallbacks):
-        names = [configured] if configured else fallbacks
-        for name in names:
-            token_id = self.tok.token_to_id(name)
-            if token_id is not None:
-                return token_id
-        return None
+        self.sentencepiece_style = self.tok.token_to_id("\u2581") is not None  # LLaMA-2-like, not byte-level
+        declared = _special_tokens_beside(path)
+        # Without a config file, only a SentencePiece-converted vocabulary has conventional names
+        # to fall back on; a byte-level one (Qwen, LLaMA-3) always ships a tokenizer_config.json.
+        fallbacks = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"} if self.sentencepiece_style else {}
+        self.special_tokens = {}
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            name = declared[key] if key in declared else fallbacks.get(key)
+            if name is not None and self.tok.token_to_id(name) is None:
+                if key in declared:
+                    raise TokenizerError(f"{path.parent}: {key} {name!r} of the tokenizer config is not in {path.name}")
+                name = None
+            if name is not None:
+                self.special_tokens[key] = name
+        self.bos_id, self.eos_id, self.pad_id = (
+            self.tok.token_to_id(self.special_tokens[key]) if key in self.special_tokens else None
+            for key in ("bos_token", "eos_token", "pad_token")
+        )
 
     def encode_batch(self, texts):
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
@@ -220,7 +266,7 @@ class _HFBackend:
             return ""
         if token_id in (self.bos_id, self.eos_id, self.pad_id):
             return ""
-        if self.tok.token_to_id("\u2581") is not None:  # SentencePiece-style vocabulary
+        if self.sentencepiece_style:
             return piece.replace("\u2581", " ")
         return self.tok.decode([token_id], skip_special_tokens=True)  # byte-level (LLaMA-3 style)
 
@@ -229,24 +275,52 @@ def _non_negative(token_id: int) -> int | None:
     return token_id if token_id >= 0 else None
 
 
-def _special_tokens_beside(path: Path) -> dict:
-    """bos/eos/pad token strings from tokenizer_config.json or special_tokens_map.json next to `path`."""
-    found = {}
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise TokenizerError(f"{file}: invalid JSON ({error})") from None
+
+
+def _special_tokens_beside(path: Path) -> dict[str, str | None]:
+    """The bos/eos/pad/unk token strings that tokenizer_config.json or special_tokens_map.json next
+    to `path` declare; a key they set to null is present with the value None (the token is absent).
+
+    tokenizer_config.json wins over special_tokens_map.json, as in transformers. A value may be a
+    string or an AddedToken object {"content": ...}.
+    """
+    declared = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         file = path.parent / name
         if not file.exists():
             continue
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise TokenizerError(f"{file}: invalid JSON ({error})") from None
-        for key in ("bos_token", "eos_token", "pad_token"):
-            value = data.get(key)
+        data = _read_json(file)
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            if key not in data:
+                continue
+            value = data[key]
             if isinstance(value, dict):
                 value = value.get("content")
-            if isinstance(value, str):
-                found[key] = value
-    return found
+            if value is not None and not isinstance(value, str):
+                raise TokenizerError(f"{file}: {key} must be a string, an AddedToken object or null")
+            declared[key] = value
+    return declared
+
+
+def read_chat_template(folder: str | os.PathLike) -> str | None:
+    """The Jinja chat template of a tokenizer folder (`chat_template.jinja` first, then
+    `tokenizer_config.json`'s "chat_template", as transformers reads them), or None."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config_file = folder / "tokenizer_config.json"
+    if not config_file.exists():
+        return None
+    template = _read_json(config_file).get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -209,7 +209,7 @@ def test_every_template_tokenises_the_prompt_as_the_start_of_the_training_sample
     assert sample["input_ids"][: len(prompt)] == prompt
     assert sample["labels"][len(prompt) - 1] != IGNORE_INDEX  # the first reply token is a target
     assert all(label == IGNORE_INDEX for label in sample["labels"][: len(prompt) - 1][-3:])
-    if name not in ("chatml", "llama3"):  # those end a reply with "<|im_end|>" / "<|eot_id|>" text
+    if name not in ("chatml", "llama3", "qwen3", "qwen3_nothink"):  # those end a reply with "<|im_end|>" / "<|eot_id|>" text
         assert sample["labels"][-2] == tokenizer.eos_id
 
 

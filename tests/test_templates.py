@@ -196,3 +196,59 @@ def test_stop_token_ids_add_end_markers_that_are_single_pieces():
     assert get_template("chatml").stop_token_ids(_StubTokenizer()) == [2, 151645]
     assert get_template("llama3").stop_token_ids(_StubTokenizer()) == [2]  # no "<|eot_id|>" piece here
     assert get_template("llama2").stop_token_ids(_StubTokenizer()) == [2]
+
+
+def test_qwen3_writes_only_the_final_replys_reasoning():
+    """Qwen3's layout (its tokenizer_config.json chat_template), written out by hand: the final reply
+    always has a think block (empty without reasoning), earlier replies lose theirs."""
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "2 + 3?"},
+        {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n5"},
+        {"role": "user", "content": "乘以4？"},
+        {"role": "assistant", "content": "20", "reasoning_content": "\n5 * 4\n"},
+    ]
+    head = (
+        f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n2 + 3?<|im_end|>\n"
+        "<|im_start|>assistant\n5<|im_end|>\n<|im_start|>user\n乘以4？<|im_end|>\n<|im_start|>assistant\n"
+    )
+    for name in ("qwen3", "qwen3_nothink"):
+        assert get_template(name).render(messages) == head + "<think>\n5 * 4\n</think>\n\n20<|im_end|>\n"
+        assert get_template(name).render(messages[:3]).endswith("<|im_start|>assistant\n<think>\nadd them\n</think>\n\n5<|im_end|>\n")
+        assert get_template(name).render(CONVERSATION[:2]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nVital energy.<|im_end|>\n")
+    assert get_template("qwen3").render(messages[:-1], add_generation_prompt=True) == head
+    assert get_template("qwen3_nothink").render(messages[:-1], add_generation_prompt=True) == head + "<think>\n\n</think>\n\n"
+
+
+def test_qwen3_nothink_trains_the_answer_and_not_the_empty_think_block():
+    trained = [s.text for s in get_template("qwen3_nothink").segments(CONVERSATION[:2]) if s.trainable]
+    assert trained == ["Vital energy.<|im_end|>"]
+    trained = [s.text for s in get_template("qwen3").segments(CONVERSATION[:2]) if s.trainable]
+    assert trained == ["<think>\n\n</think>\n\nVital energy.<|im_end|>"]
+
+
+def test_built_in_jinja_renders_the_text_of_its_template():
+    """Each template's `chat_template()` Jinja, rendered as transformers does, gives `render`'s text."""
+    from nanotune.data.template_check import render_jinja
+
+    tokens = {"bos_token": "<s>", "eos_token": "</s>"}
+    reasoning = CONVERSATION[:3] + [{"role": "assistant", "content": "<think>\n想一想\n</think>\n\n后天之本。"}]
+    for name, template in TEMPLATES.items():
+        variables = {**tokens, **template.jinja_variables}
+        shown = {None: None, "bos": "<s>", "eos": "</s>"}
+        for messages in (CONVERSATION, WITH_SYSTEM, reasoning):
+            for prompt in (False, True):
+                conversation = messages[:-1] if prompt else messages
+                expected = "".join(s.text if s.special is None else shown[s.special] for s in template.segments(conversation, prompt))
+                assert render_jinja(template.chat_template(), conversation, prompt, **variables) == expected, (name, prompt)
+
+
+def test_a_new_table_entry_gets_its_jinja_too():
+    from nanotune.data.template_check import render_jinja
+
+    chinese = TableTemplate(name="问答", user_format="问：{content}\n", assistant_prefix="答🙂：", reply_suffix="\n\n",
+                            default_system="你是\"助手\"\\。", system_format="{content}\n")
+    for prompt in (False, True):
+        messages = CONVERSATION[:-1] if prompt else CONVERSATION
+        expected = chinese.render(messages, prompt).replace("<s>", "[B]").replace("</s>", "[E]")
+        assert render_jinja(chinese.chat_template(), messages, prompt, bos_token="[B]", eos_token="[E]") == expected

@@ -9,7 +9,10 @@ shifted once, here:
     labels[t] = -100              otherwise (so the last position is always -100)
 
 so the model's loss is a plain sum over positions and never has to know about shifting. Every
-assistant turn of a multi-turn conversation is trained, not only the last one.
+assistant turn of a multi-turn conversation is trained, not only the last one. (With a template
+that drops the reasoning of earlier replies, as `qwen3` does, `reasoning_turns="every"` makes one
+sample per reply instead, so that every reply is trained with its reasoning: see
+`one_conversation_per_reply`.)
 
 Tokenisation follows the template's segments (see `templates.py`): text between two special
 tokens is tokenised in one call, exactly as it will be at inference, and the tokens are attributed
@@ -25,17 +28,18 @@ import bisect
 import logging
 from array import array
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from nanotune.data.formats import read_conversations
-from nanotune.data.templates import Segment, Template, get_template, split_turns
+from nanotune.data.templates import Segment, Template, get_template
 from nanotune.loss import IGNORE_INDEX
 
 logger = logging.getLogger("nanotune")
 
 TRUNCATION_STRATEGIES = ("drop", "truncate", "truncate_left")
+REASONING_TURNS = ("last", "every")
 
 # --------------------------------------------------------------------------------------------------
 # Segments -> tokens
@@ -164,6 +168,7 @@ def encode_conversation(
     max_length: int | None = None,
     train_on_prompt: bool = False,
     truncation: str = "truncate",
+    last_reply_only: bool = False,
 ) -> dict | None:
     """{"input_ids": [...], "labels": [...]} for one conversation, or None if it is not usable.
 
@@ -174,14 +179,17 @@ def encode_conversation(
       "truncate_left"  drop the oldest exchanges (keeping the system prompt) until it fits; if
                        even the last exchange alone is too long, cut its reply as "truncate" does
     None is also returned when no token is left to train on. `train_on_prompt=True` trains on
-    every token except BOS (useful for data where the prompt is worth learning too).
+    every token except BOS (useful for data where the prompt is worth learning too);
+    `last_reply_only=True` trains only the final reply (the earlier ones are context).
     """
-    sample, _ = encode_conversation_with_outcome(messages, tokenizer, template, max_length, train_on_prompt, truncation)
+    sample, _ = encode_conversation_with_outcome(
+        messages, tokenizer, template, max_length, train_on_prompt, truncation, last_reply_only
+    )
     return sample
 
 
 def encode_conversation_with_outcome(
-    messages, tokenizer, template, max_length=None, train_on_prompt=False, truncation="truncate"
+    messages, tokenizer, template, max_length=None, train_on_prompt=False, truncation="truncate", last_reply_only=False
 ) -> tuple[dict | None, str]:
     """`encode_conversation` plus what happened: "kept", "truncated", "dropped" or "no_target"."""
     if truncation not in TRUNCATION_STRATEGIES:
@@ -189,7 +197,15 @@ def encode_conversation_with_outcome(
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be at least 2, not {max_length}")
     template = get_template(template)
-    tokens = tokenize_segments(template.segments(messages), tokenizer)
+
+    def tokenize(kept_messages) -> TokenizedConversation:
+        segments = template.segments(kept_messages)
+        if last_reply_only:
+            final = max(s.turn for s in segments)
+            segments = [s if s.turn == final else replace(s, trainable=False) for s in segments]
+        return tokenize_segments(segments, tokenizer)
+
+    tokens = tokenize(messages)
     outcome = "kept"
     if max_length is not None and len(tokens) > max_length:
         if truncation == "drop":
@@ -197,7 +213,7 @@ def encode_conversation_with_outcome(
         if truncation == "truncate":
             tokens = _cut_right(tokens, max_length)
         else:
-            tokens = _drop_oldest_turns(messages, tokenizer, template, max_length)
+            tokens = _drop_oldest_turns(messages, tokenize, max_length)
         outcome = "truncated"
     labels = _shifted_labels(tokens, train_on_prompt)
     if all(label == IGNORE_INDEX for label in labels):
@@ -222,21 +238,20 @@ def _cut_right(tokens: TokenizedConversation, max_length: int) -> TokenizedConve
     return tokens.head(tokens.turns.index(cut_turn))
 
 
-def _drop_oldest_turns(messages, tokenizer, template: Template, max_length: int) -> TokenizedConversation:
+def _drop_oldest_turns(messages, tokenize, max_length: int) -> TokenizedConversation:
     """Tokens of the system prompt plus the most recent exchanges that fit in max_length.
 
-    The conversation is re-rendered without its oldest exchanges (so llama2 folds the system
-    prompt into the new first user turn); the number to drop is found by bisection.
+    The conversation is re-rendered (`tokenize`) without its oldest exchanges (so llama2 folds the
+    system prompt into the new first user turn); the number to drop is found by bisection.
     """
-    system, pairs = split_turns(messages, add_generation_prompt=False)
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]  # user, assistant, user, assistant, ...
+    n_exchanges = (len(turns) + 1) // 2
 
     def tokenize_from(first: int) -> TokenizedConversation:
-        kept = [{"role": "system", "content": system}] if system is not None else []
-        for user, reply in pairs[first:]:
-            kept += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-        return tokenize_segments(template.segments(kept), tokenizer)
+        return tokenize(system + turns[2 * first :])
 
-    low, high = 1, len(pairs) - 1  # answer in [low, high]: high (only the last exchange) always counts
+    low, high = 1, n_exchanges - 1  # answer in [low, high]: high (only the last exchange) always counts
     while low < high:
         middle = (low + high) // 2
         if len(tokenize_from(middle)) <= max_length:
@@ -245,6 +260,18 @@ def _drop_oldest_turns(messages, tokenizer, template: Template, max_length: int)
             low = middle + 1
     tokens = tokenize_from(high)
     return _cut_right(tokens, max_length) if len(tokens) > max_length else tokens
+
+
+def one_conversation_per_reply(messages: list[dict]) -> list[list[dict]]:
+    """The conversation cut after each assistant reply: [..., user1, reply1], [..., reply2], ...
+
+    For templates that write only the final reply with its reasoning (`qwen3`): encoded with
+    `last_reply_only=True`, each reply is trained once, as the final reply of the conversation
+    so far, with its `<think>` block, exactly as the model writes it at inference, and the earlier
+    replies are context without their reasoning, as the model sees them then. The price is that
+    the conversation's prefix is encoded (and attended over) once per reply.
+    """
+    return [messages[: i + 1] for i, message in enumerate(messages) if message["role"] == "assistant"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,23 +317,34 @@ def build_sft_dataset(
     train_on_prompt: bool = False,
     format: str = "auto",
     skip_invalid: bool = False,
+    reasoning_turns: str = "last",
 ) -> SFTDataset:
-    """Read the files, encode every conversation, and log what was dropped, truncated or skipped."""
+    """Read the files, encode every conversation, and log what was dropped, truncated or skipped.
+
+    `reasoning_turns` matters only for templates that drop earlier replies' reasoning (`qwen3`):
+    "last" encodes each conversation once, as the template renders it (every reply trained, only
+    the final one with its think block); "every" makes one sample per reply, each trained with
+    its reasoning (`one_conversation_per_reply`). Outcomes are then counted per sample.
+    """
+    if reasoning_turns not in REASONING_TURNS:
+        raise ValueError(f"reasoning_turns must be one of {', '.join(REASONING_TURNS)}, not {reasoning_turns!r}")
     template = get_template(template)
+    per_reply = reasoning_turns == "every" and template.drops_earlier_reasoning
     stats: dict = {}
     conversations = read_conversations(files, format=format, skip_invalid=skip_invalid, stats=stats)
     for key in ("kept", "truncated", "dropped", "no_target", "tokens", "target_tokens"):
         stats[key] = 0
     samples = []
-    for messages in conversations:
-        sample, outcome = encode_conversation_with_outcome(
-            messages, tokenizer, template, max_length, train_on_prompt, truncation
-        )
-        stats[outcome] += 1
-        if sample is not None:
-            samples.append(sample)
-            stats["tokens"] += len(sample["input_ids"])
-            stats["target_tokens"] += sum(label != IGNORE_INDEX for label in sample["labels"])
+    for conversation in conversations:
+        for messages in one_conversation_per_reply(conversation) if per_reply else [conversation]:
+            sample, outcome = encode_conversation_with_outcome(
+                messages, tokenizer, template, max_length, train_on_prompt, truncation, last_reply_only=per_reply
+            )
+            stats[outcome] += 1
+            if sample is not None:
+                samples.append(sample)
+                stats["tokens"] += len(sample["input_ids"])
+                stats["target_tokens"] += sum(label != IGNORE_INDEX for label in sample["labels"])
     stats["samples"] = len(samples)
     logger.info(
         "SFT data (%s template): %d records (%d invalid skipped) -> %d conversations -> %d samples; "
