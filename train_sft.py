@@ -18,7 +18,8 @@ from nanotune.cli import run_main, setup_logging
 from nanotune.config import SFTDataConfig
 from nanotune.data.collate import PaddingCollator, collate_blocks
 from nanotune.data.sft import PackedSFTDataset, SFTDataset, build_sft_dataset
-from nanotune.data.templates import get_template
+from nanotune.data.template_check import resolve_template, saved_chat_template
+from nanotune.data.templates import generation_stop_ids
 from nanotune.train import train
 
 
@@ -26,12 +27,16 @@ def main(argv: list[str] | None = None):
     setup_logging()
     config, run, tokenizer, model = start_run(argv, SFTDataConfig)
     data = config.data
-    template = get_template(data.template)
+    # The chat template: checked against the model's own Jinja where it has one ("auto" picks it).
+    template = resolve_template(data.template, tokenizer, check=data.template_check)
+    # Generation stops at the end-of-turn token the replies are trained to end with (and EOS).
+    model.config.eos_token_id = generation_stop_ids(template, tokenizer)
 
     def encode(files):
         return build_sft_dataset(
             files, tokenizer, template, max_length=data.max_length, truncation=data.truncation,
             train_on_prompt=data.train_on_prompt, format=data.format, skip_invalid=data.skip_invalid,
+            reasoning_turns=data.reasoning_turns,
         )
 
     train_samples = encode(data.train_files)
@@ -48,7 +53,8 @@ def main(argv: list[str] | None = None):
         collate = PaddingCollator(tokenizer.pad_id)
         lengths = list(train_samples.lengths) if data.group_by_length else None  # similar lengths per micro-batch
 
-    result = train(config, run, model, tokenizer, train_data, valid_data, collate, lengths=lengths)
+    result = train(config, run, model, tokenizer, train_data, valid_data, collate, lengths=lengths,
+                   chat_template=saved_chat_template(template, tokenizer))
     distributed.shutdown(run)
     return result
 

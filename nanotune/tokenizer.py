@@ -150,13 +150,13 @@ class Tokenizer:
         config_file = folder / "tokenizer_config.json"
         if not config_file.exists():  # a bare tokenizer.json: say what transformers should build
             config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens}
-            _write_atomic(config_file, json.dumps(config, indent=2, ensure_ascii=False))
+            write_text_atomically(config_file, json.dumps(config, indent=2, ensure_ascii=False))
         if chat_template is not None:
             config = json.loads(config_file.read_text(encoding="utf-8"))
             config["chat_template"] = chat_template
-            _write_atomic(config_file, json.dumps(config, indent=2, ensure_ascii=False))
+            write_text_atomically(config_file, json.dumps(config, indent=2, ensure_ascii=False))
             if (folder / "chat_template.jinja").exists():  # transformers would read that one first
-                _write_atomic(folder / "chat_template.jinja", chat_template)
+                write_text_atomically(folder / "chat_template.jinja", chat_template)
 
     def _canonical_name(self) -> str:
         return "tokenizer.json" if self.kind == "hf" else "tokenizer.model"

@@ -61,12 +61,14 @@ def train(
     collate: Callable[[list], dict],
     lengths: list[int] | None = None,
     objective=None,
+    chat_template: str | None = None,
 ) -> TrainResult:
     """Train `model` on `train_data` (a map-style dataset) as `config` says; save and return a summary.
 
     `lengths`: the length of every sample, to batch similar lengths together (padded SFT with
     `data.group_by_length`); None = plain shuffling. `objective`: what a step minimises
-    (default: next-token cross-entropy, see objective.py).
+    (default: next-token cross-entropy, see objective.py). `chat_template`: the Jinja saved with
+    the final model's tokenizer, so `apply_chat_template` lays conversations out as training did.
     """
     objective = objective or TokenObjective()
     output_dir = Path(config.output_dir)
@@ -161,7 +163,7 @@ def train(
         last_eval = evaluate(model, objective, valid_data, collate, run, config, autocast)
         metrics.write({"step": total_steps, **last_eval})
     if config.checkpoint.save_final:
-        save_final(model, tokenizer, output_dir, run, config)
+        save_final(model, tokenizer, output_dir, run, config, chat_template)
     distributed.barrier(run)
     return TrainResult(steps=total_steps, final_loss=last_record.get("loss"), eval=last_eval,
                        tokens_per_s=last_record.get("tokens_per_s"))
@@ -329,7 +331,7 @@ def evaluate(model: nn.Module, objective, data, collate, run: Run, config: RunCo
 # ----------------------------------------------------------------------------------------------
 
 
-def save_final(model: Llama, tokenizer, output_dir: Path, run: Run, config: RunConfig) -> None:
+def save_final(model: Llama, tokenizer, output_dir: Path, run: Run, config: RunConfig, chat_template=None) -> None:
     """output_dir/final: the HF-format model and tokenizer (or the LoRA adapter, and optionally the merged model)."""
     final = output_dir / "final"
     dtype = config.checkpoint.final_dtype or None
@@ -338,17 +340,17 @@ def save_final(model: Llama, tokenizer, output_dir: Path, run: Run, config: RunC
 
         lora.save_adapter(model, final, run=run)
         if run.is_main:
-            tokenizer.save(final)
+            tokenizer.save(final, chat_template=chat_template)
         if config.lora.merge_final:
-            export_merged_lora(model, output_dir / "final_merged", tokenizer, run, config, dtype)
+            export_merged_lora(model, output_dir / "final_merged", tokenizer, run, config, dtype, chat_template)
         return
     save_pretrained(model, final, max_shard_size=config.checkpoint.max_shard_size, dtype=dtype, run=run)
     if run.is_main:
-        tokenizer.save(final)
+        tokenizer.save(final, chat_template=chat_template)
         write_text_atomically(final / "training_config.toml", to_toml(config))
 
 
-def export_merged_lora(model, path, tokenizer, run, config, dtype):
+def export_merged_lora(model, path, tokenizer, run, config, dtype, chat_template=None):
     from . import lora
 
     if run.distributed:
@@ -356,4 +358,4 @@ def export_merged_lora(model, path, tokenizer, run, config, dtype):
         return
     merged = lora.merged_copy(model)
     save_pretrained(merged, path, max_shard_size=config.checkpoint.max_shard_size, dtype=dtype)
-    tokenizer.save(path)
+    tokenizer.save(path, chat_template=chat_template)
