@@ -86,8 +86,12 @@ class WeightReader:
         self._pickled: tuple[Path, dict] | None = None  # the last .bin file read (memory-mapped)
         for file in weight_files(self.folder):
             for name, shape, dtype in self._headers(file):
-                if not IGNORED_TENSORS.search(name):
-                    self.file_of[name], self.shape[name], self.dtype[name] = file, tuple(shape), dtype
+                if IGNORED_TENSORS.search(name):
+                    continue
+                if not dtype.is_floating_point:
+                    raise CheckpointError(f"{file}: tensor {name} is {str(dtype).removeprefix('torch.')}; "
+                                          f"model weights must be floating point")
+                self.file_of[name], self.shape[name], self.dtype[name] = file, tuple(shape), dtype
 
     def _headers(self, file: Path):
         if file.suffix != ".safetensors":
@@ -176,6 +180,15 @@ def arithmetic_dtype(*dtypes: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """OUT must be new or empty, or `--overwrite` given: a folder of other models is never replaced by mistake."""
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"{out}: exists and is not a folder; give --out a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MergeError(f"{out}: is a non-empty folder; merge.py writes only into a new or empty one "
+                         f"(pass --overwrite to replace it whole)")
+
+
 def verify_sha256sums(sums_file: str | Path, folders: list[Path]) -> None:
     """Check every file SUMS lists, in the input folder it describes, before any work is done.
 
@@ -192,7 +205,13 @@ def verify_sha256sums(sums_file: str | Path, folders: list[Path]) -> None:
         match = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line.rstrip("\r"))
         if not match:
             raise DataError(f"{sums_file}:{line_number}: expected '<64 hex digits>  <file name>'")
-        entries.append((line_number, match.group(1).lower(), match.group(2)))
+        name = match.group(2)
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise DataError(f"{sums_file}:{line_number}: {name!r} is outside the folder it describes "
+                            f"(names must be relative and without '..')")
+        entries.append((line_number, match.group(1).lower(), name))
+    if not entries:
+        raise DataError(f"{sums_file}: lists no file (an empty sums file proves nothing)")
     names = [name for _, _, name in entries]
     home = [f for f in folders if f.resolve() == sums_file.resolve().parent]
     holders = home or [f for f in folders if all((f / name).is_file() for name in names)]
@@ -202,6 +221,12 @@ def verify_sha256sums(sums_file: str | Path, folders: list[Path]) -> None:
         raise MergeError(f"{sums_file}: both {holders[0]} and {holders[1]} hold its files; "
                          f"put it in the folder it describes")
     folder = holders[0]
+    listed = {(folder / name).resolve() for name in names}
+    weights = [file for file in folder.iterdir() if file.suffix in (".safetensors", ".bin") and file.is_file()]
+    unlisted = [file.name for file in weights if file.resolve() not in listed]
+    if unlisted:
+        raise MergeError(f"{sums_file}: does not list {', '.join(sorted(unlisted))} of {folder}: "
+                         f"every weight file must be checked")
     for line_number, expected, name in tqdm(entries, unit="file", desc=f"checking {sums_file.name}"):
         file = folder / name
         if not file.is_file():
@@ -388,7 +413,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sub.add_argument(f"--{first}", required=True, type=Path, help="HF-format model folder")
         sub.add_argument(f"--{second}", required=True, type=Path,
                          help="PEFT adapter folder" if second == "adapter" else "HF-format model folder")
-        sub.add_argument("--out", required=True, type=Path, help="output folder (written as OUT.tmp, then renamed)")
+        sub.add_argument("--out", required=True, type=Path,
+                         help="output folder: new, or empty (filled under a temporary name, then renamed)")
+        sub.add_argument("--overwrite", action="store_true",
+                         help="replace OUT even if it is a non-empty folder (it is replaced whole, once the new one is complete)")
         sub.add_argument("--dtype", choices=list(DTYPES), default=None,
                          help="stored dtype of the output (default: " + {
                              "lora": "as the base", "delta": "the dtype in the delta's config.json",
@@ -403,6 +431,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     inputs = {"lora": (args.base, getattr(args, "adapter", None)), "delta": (args.base, getattr(args, "delta", None)),
               "make-delta": (args.base, getattr(args, "target", None))}[args.command]
+    check_output_folder(args.out, args.overwrite)
     for sums in args.check:
         verify_sha256sums(sums, list(inputs))
     dtype = parse_dtype(args.dtype) if args.dtype else None

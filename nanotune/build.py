@@ -21,7 +21,9 @@ from .config import ConfigError, RunConfig, load_config
 from .distributed import Run
 from .model import Llama, LlamaConfig, resolve_packed_attention
 from .tokenizer import Tokenizer, TokenizerError
-from .train_state import check_output_dir, seed_everything
+from .preflight import check_data_files, check_tokenizer_fits_model
+from .run_lock import lock_output_dir
+from .train_state import check_output_dir, find_resume_checkpoint, run_layout, seed_everything
 from .vocab import resize_token_embeddings
 
 log = logging.getLogger("nanotune")
@@ -31,8 +33,7 @@ def start_run(argv: list[str] | None, data_class: type) -> tuple[RunConfig, Run,
     """What both entry points do first: config, process group, a check of the output folder, seeds,
     tokenizer, model and what trains. Cheap checks come first, so a mistake costs no waiting."""
     config = load_config(argv, data_class=data_class)
-    if not config.data.train_files:
-        raise ConfigError("data.train_files is empty: give the training files (paths or globs)")
+    check_data_files(config)  # every path names a readable file of a kind its reader knows
     run = distributed.init_distributed(config.distributed, config.train.device)
     if config.distributed.cpu_offload and run.distributed and run.device.type != "cuda":
         raise ConfigError(
@@ -40,10 +41,16 @@ def start_run(argv: list[str] | None, data_class: type) -> tuple[RunConfig, Run,
             "moves sharded state from GPU memory to CPU memory, and on the CPU it is there already; "
             "set distributed.cpu_offload = false"
         )
+    output_dir = Path(config.output_dir)
     if run.is_main:
-        check_output_dir(Path(config.output_dir), config)  # never mix two runs in one folder
+        lock_output_dir(output_dir)  # one run at a time in one folder
+        check_output_dir(output_dir, config)  # never mix two runs' checkpoints or final models
+        if config.checkpoint.resume:  # a damaged or mismatched checkpoint is one line now, not after the load
+            find_resume_checkpoint(output_dir, run_layout(config, run.world_size))
     seed_everything(config.seed, rank=0)  # the same initial weights (and LoRA init) on every run
     tokenizer = load_tokenizer(config)
+    if config.model.path and config.tokenizer.path:
+        check_tokenizer_fits_model(tokenizer, config.model.path)  # ids must mean what the embeddings learnt
     model = build_model(config, tokenizer, on_meta=run.distributed and not run.is_main, device=run.device)
     configure_trainable(model, config)
     return config, run, tokenizer, model

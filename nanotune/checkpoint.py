@@ -76,7 +76,11 @@ def weight_files(path: str | os.PathLike) -> dict[Path, list[str] | None]:
                 raise CheckpointError(f"{index_file}: not a valid index ({error!r})") from None
             files: dict[Path, list[str]] = {}
             for name, file_name in weight_map.items():
-                files.setdefault(path / file_name, []).append(name)
+                file = path / str(file_name)
+                if Path(str(file_name)).name != file_name or file_name in ("", ".", ".."):  # a bare file name only
+                    raise CheckpointError(f"{index_file}: lists {file_name!r} for {name}: weights are read only "
+                                          f"from files inside the model folder")
+                files.setdefault(file, []).append(name)
             for file in files:
                 if not file.exists():
                     raise CheckpointError(f"{index_file}: lists {file.name}, which is missing")
@@ -147,6 +151,9 @@ def load_pretrained(
             if name not in expected:
                 unexpected.append(f"{name} (in {file.name})")
                 continue
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{file}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; "
+                                      f"model weights must be floating point (nothing is cast silently)")
             if tensor.shape != expected[name]:
                 wrong_shape.append(f"{name}: {tuple(tensor.shape)} in {file.name}, model needs {tuple(expected[name])}")
                 continue
@@ -294,6 +301,18 @@ def write_hf_checkpoint(
     n = len(shards)
     file_names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     temporary = temporary_folder(path)
+    try:
+        _fill_model_folder(temporary, shards, file_names, sizes, tensor_specs, get_tensor, config_dict,
+                           extra_files, copy_files, checksums)
+    except BaseException:  # an error or Ctrl-C: no half-written folder is left behind
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    replace_folder(temporary, path)
+
+
+def _fill_model_folder(temporary, shards, file_names, sizes, tensor_specs, get_tensor, config_dict,
+                       extra_files, copy_files, checksums) -> None:
+    n = len(shards)
     for names, file_name in zip(shards, file_names):
         write_safetensors(temporary / file_name, {name: tensor_specs[name] for name in names}, get_tensor)
     if n > 1:
@@ -307,7 +326,6 @@ def write_hf_checkpoint(
         shutil.copyfile(file, temporary / Path(file).name)
     if checksums:
         write_sha256sums(temporary)
-    replace_folder(temporary, path)
 
 
 def sha256_of(file: Path) -> str:

@@ -16,12 +16,13 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data.records import DataError, os_error_line
+from .run_log import TrainingDiverged
 from .tokenizer import TokenizerError
 
 # A path the user gave that the system refuses (no such file, a folder where a file was meant,
 # no permission) is a user error too; other OSErrors (a full disk, I/O errors) keep their traceback.
 PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError) + PATH_ERRORS
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, TrainingDiverged) + PATH_ERRORS
 
 
 def setup_logging() -> None:
@@ -43,6 +44,10 @@ def run_main(main: Callable[[list[str] | None], object], argv: list[str] | None 
     except USER_ERRORS as error:
         print(f"error: {user_error_text(error)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: what was being written has been removed on the way out
+        print("interrupted: stopped; the checkpoints written so far are kept (resume with "
+              "--checkpoint.resume=true where the run saved any)", file=sys.stderr)
+        sys.exit(130)
 
 
 def user_error_text(error: BaseException) -> str:

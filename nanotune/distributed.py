@@ -84,6 +84,13 @@ def all_reduce_sum(tensor: torch.Tensor, run: Run) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor, run: Run) -> torch.Tensor:
+    """The largest value of `tensor` over all ranks, in place."""
+    if run.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def barrier(run: Run) -> None:
     if run.distributed:
         dist.barrier()

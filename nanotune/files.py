@@ -3,16 +3,19 @@
 A file is written under a temporary name in its own folder (so on the same file system) and then
 moved onto its real name with `os.replace`, which is atomic: a reader, or a run killed half-way,
 finds the old file or the new one, never a mix. A folder (a model, a checkpoint) is filled under
-`NAME.tmp` and then moved into place with `replace_folder`.
+a new `NAME.tmp-<pid>-<random>` and then moved into place with `replace_folder`.
 
-The temporary name is the real name plus `.tmp`, so a leftover from a killed run is easy to spot
-and is overwritten by the next write. Callers create the folder they write into.
+A file's temporary name is the real name plus `.tmp`, overwritten by the next write; a folder's
+is new each time, so no sibling of the destination is ever touched, and a leftover of a killed
+process is removed by `remove_stale_temporaries`. Callers create the folder they write into.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -58,27 +61,57 @@ def write_lines_atomically(path: str | os.PathLike, lines: Iterable[str]) -> Non
 
 
 def temporary_folder(path: str | os.PathLike) -> Path:
-    """An empty `NAME.tmp` beside the folder `path` (a leftover from a killed run is removed first)."""
-    temporary = temporary_path(path)
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
-    return temporary
+    """A new, empty folder beside `path` to fill before `replace_folder` moves it onto `path`.
+
+    Its name, `NAME.tmp-<pid>-<random>`, is new each time: nothing already beside `path` (a
+    user's own `NAME.tmp`, another process's folder) is ever touched. One left by a killed
+    process is removed later by `remove_stale_temporaries`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-{os.getpid()}-", dir=path.parent))
 
 
 def replace_folder(source: str | os.PathLike, destination: str | os.PathLike) -> None:
     """Move a completed folder into place; an old folder there is removed only after the move.
 
     A folder cannot be renamed onto a non-empty one, so the old folder is first renamed aside
-    (`NAME.old`): at every moment one complete folder exists under `NAME` or `NAME.old`.
+    (to a new `NAME.old-<pid>-<random>`): at every moment one complete folder exists under
+    `NAME` or that name, and no other sibling is touched.
     """
     source, destination = Path(source), Path(destination)
     if destination.exists():
-        old = destination.with_name(destination.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(destination, old)
+        old = Path(tempfile.mkdtemp(prefix=f"{destination.name}.old-{os.getpid()}-", dir=destination.parent))
+        os.replace(destination, old)  # onto the new, empty folder
         os.replace(source, destination)
         shutil.rmtree(old)
     else:
         os.replace(source, destination)
+
+
+STALE_NAME = re.compile(r"^.+\.(?:tmp|old)-(\d+)-[A-Za-z0-9_]+$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders (`NAME.tmp-<pid>-...`, `NAME.old-<pid>-...`) that processes
+    which are no longer running left in `folder` (killed mid-write); return what was removed."""
+    folder = Path(folder)
+    removed = []
+    for entry in folder.iterdir() if folder.is_dir() else []:
+        match = STALE_NAME.match(entry.name)
+        if match and entry.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -17,11 +17,10 @@ and read (`.item()`) only when a line is logged.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import time
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,12 +32,15 @@ from .checkpoint import save_pretrained
 from .config import RunConfig, save_config, to_toml
 from .data.sampler import GlobalBatchSampler
 from .distributed import Run
-from .files import write_text_atomically
+from .files import replace_folder, temporary_folder, write_text_atomically
 from .model import Llama
 from .neftune import add_neftune_noise
 from .objective import TokenObjective
 from .optim import build_optimizer, schedule_from_config
-from .train_state import TrainingState, seed_everything
+from .preflight import check_enough_samples
+from .run_lock import unlock_output_dir
+from .run_log import DivergenceGuard, LogWindow, MetricsFile
+from .train_state import TrainingState, last_checkpoint, run_layout, seed_everything
 
 log = logging.getLogger("nanotune")
 
@@ -88,6 +90,7 @@ def train(
     trained_parameters = [p for p in model.parameters() if p.requires_grad]
 
     # The data: which samples each rank reads at each step.
+    check_enough_samples(len(train_data), config, run.world_size, config.data.train_files)
     sampler = GlobalBatchSampler(
         len(train_data),
         global_batch_size=config.train.batch_size * config.train.grad_accum * run.world_size,
@@ -102,7 +105,7 @@ def train(
     lr_for_step = schedule_from_config(config.optim, total_steps)
     autocast, scaler = mixed_precision(config.train.mixed_precision, run)
 
-    state = TrainingState(model, optimizer, sampler, scaler, trainable_only)
+    state = TrainingState(model, optimizer, sampler, scaler, trainable_only, run_layout(config, run.world_size))
     start_step = state.resume_from_latest(output_dir, run) if config.checkpoint.resume else 0
     metrics = MetricsFile(output_dir / "metrics.jsonl", run, keep_up_to_step=start_step)
     if run.is_main:
@@ -112,6 +115,7 @@ def train(
     progress = tqdm(total=total_steps, initial=start_step, disable=not (run.is_main and config.log.progress_bar),
                     desc="train", dynamic_ncols=True)
     window = LogWindow(run.device, objective)
+    guard = DivergenceGuard(run.device, watch_grad_norm=scaler is None)  # NaN or inf stops the run
     batches = iter(sampler)
     last_eval: dict = {}
     last_record: dict = {}
@@ -148,7 +152,9 @@ def train(
         progress.update(1)
 
         done = step + 1
+        guard.observe(done, window.loss_sum, grad_norm)
         if done % config.log.every_steps == 0 or done == total_steps:
+            guard.check(run, last_checkpoint(output_dir))
             last_record = {"step": done, **window.summary(run), "lr": lr, "epoch": sampler.epoch}
             metrics.write(last_record)
             progress.set_postfix(loss=f"{last_record['loss']:.4f}", lr=f"{lr:.2e}")
@@ -156,6 +162,7 @@ def train(
             last_eval = evaluate(model, objective, valid_data, collate, run, config, autocast)
             metrics.write({"step": done, **last_eval})
         if config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0 and done < total_steps:
+            guard.check(run, last_checkpoint(output_dir))  # never save a diverged model
             state.save(output_dir, done, run, config.checkpoint.keep_last)
     progress.close()
 
@@ -165,6 +172,8 @@ def train(
     if config.checkpoint.save_final:
         save_final(model, tokenizer, output_dir, run, config, chat_template)
     distributed.barrier(run)
+    if run.is_main:
+        unlock_output_dir(output_dir)  # taken in build.start_run, before anything was written
     return TrainResult(steps=total_steps, final_loss=last_record.get("loss"), eval=last_eval,
                        tokens_per_s=last_record.get("tokens_per_s"))
 
@@ -220,80 +229,6 @@ def clip_gradients(parameters: list[torch.Tensor], max_norm: float) -> torch.Ten
     return total_norm
 
 
-class LogWindow:
-    """Sums since the last log line, kept as tensors so no step waits for the device."""
-
-    def __init__(self, device: torch.device, objective):
-        self.device, self.objective = device, objective
-        self.reset()
-
-    def reset(self):
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.sums: dict[str, torch.Tensor] = {}
-        self.units = torch.zeros((), device=self.device)
-        self.grad_norm_sum = torch.zeros((), device=self.device)
-        self.tokens = 0
-        self.steps = 0
-        self.started = time.perf_counter()
-
-    def add_micro_batch(self, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], n_tokens: int) -> None:
-        self.loss_sum += loss_sum.float()
-        for name, value in sums.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
-        self.tokens += n_tokens
-
-    def add_step(self, n_units: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        self.units += n_units
-        self.grad_norm_sum += grad_norm.to(self.device).float()
-        self.steps += 1
-
-    def summary(self, run: Run) -> dict:
-        """The window's mean loss over all units of all ranks; this is the host sync."""
-        loss_sum = distributed.all_reduce_sum(self.loss_sum.clone(), run).item()
-        sums = {name: distributed.all_reduce_sum(value.clone(), run).item() for name, value in sorted(self.sums.items())}
-        units = self.units.item()
-        elapsed = time.perf_counter() - self.started
-        record = {
-            **self.objective.summary(loss_sum, units, sums),
-            "grad_norm": (self.grad_norm_sum / max(self.steps, 1)).item(),
-            "tokens_per_s": self.tokens * run.world_size / elapsed,
-            f"{self.objective.unit}_per_s": units / elapsed,
-        }
-        self.reset()
-        return record
-
-
-class MetricsFile:
-    """output_dir/metrics.jsonl, one JSON object per line, written by rank 0.
-
-    On resume, lines logged after the checkpoint's step (by the run that was interrupted) are
-    dropped, so the file reads as one uninterrupted run.
-    """
-
-    def __init__(self, path: Path, run: Run, keep_up_to_step: int):
-        self.path, self.run = path, run
-        if not run.is_main:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if path.exists() and keep_up_to_step > 0:
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= keep_up_to_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    break  # a line cut off by a kill
-        write_text_atomically(path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        if not self.run.is_main:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        message = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
-        log.info(message)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, objective, data, collate, run: Run, config: RunConfig, autocast) -> dict:
     """The objective's figures over the validation set (`eval_loss`, ...), split across ranks.
@@ -332,30 +267,49 @@ def evaluate(model: nn.Module, objective, data, collate, run: Run, config: RunCo
 
 
 def save_final(model: Llama, tokenizer, output_dir: Path, run: Run, config: RunConfig, chat_template=None) -> None:
-    """output_dir/final: the HF-format model and tokenizer (or the LoRA adapter, and optionally the merged model)."""
-    final = output_dir / "final"
+    """output_dir/final: the HF-format model or the LoRA adapter, with the tokenizer and the config.
+
+    Everything is written into a new temporary folder that then replaces `final/` whole: an
+    earlier run's files (a full model where an adapter now goes) never stay beside the new ones,
+    and a kill leaves the old `final/` or the new one. All ranks call this (gathering a sharded
+    tensor is a collective); rank 0 writes.
+    """
     dtype = config.checkpoint.final_dtype or None
-    if config.lora.enabled:
+
+    def fill(folder: Path, model=model) -> None:
+        if config.lora.enabled:
+            from . import lora
+
+            lora.save_adapter(model, folder, run=run)
+        else:
+            save_pretrained(model, folder, max_shard_size=config.checkpoint.max_shard_size, dtype=dtype, run=run)
+        if run.is_main:
+            tokenizer.save(folder, chat_template=chat_template)
+            write_text_atomically(folder / "training_config.toml", to_toml(config))
+
+    write_whole_folder(output_dir / "final", run, fill)
+    if config.lora.enabled and config.lora.merge_final:
+        if run.distributed:
+            log.warning("lora.merge_final with FSDP: run `python merge.py lora` on the saved adapter instead")
+            return
         from . import lora
 
-        lora.save_adapter(model, final, run=run)
+        merged = lora.merged_copy(model)
+        config = replace(config, lora=replace(config.lora, enabled=False))  # the merged model is a full one
+        write_whole_folder(output_dir / "final_merged", run, lambda folder: fill(folder, merged))
+
+
+def write_whole_folder(path: Path, run: Run, fill: Callable[[Path], None]) -> None:
+    """`fill(folder)` writes into a new temporary folder (rank 0's; the others pass through) that
+    then replaces `path` whole; on any error or Ctrl-C the temporary folder is removed."""
+    temporary = temporary_folder(path) if run.is_main else None
+    try:
+        fill(temporary / "model" if run.is_main else path)  # only rank 0 writes; the others join collectives
+        distributed.barrier(run)
+    except BaseException:
         if run.is_main:
-            tokenizer.save(final, chat_template=chat_template)
-        if config.lora.merge_final:
-            export_merged_lora(model, output_dir / "final_merged", tokenizer, run, config, dtype, chat_template)
-        return
-    save_pretrained(model, final, max_shard_size=config.checkpoint.max_shard_size, dtype=dtype, run=run)
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
     if run.is_main:
-        tokenizer.save(final, chat_template=chat_template)
-        write_text_atomically(final / "training_config.toml", to_toml(config))
-
-
-def export_merged_lora(model, path, tokenizer, run, config, dtype, chat_template=None):
-    from . import lora
-
-    if run.distributed:
-        log.warning("lora.merge_final with FSDP: run `python merge.py lora` on the saved adapter instead")
-        return
-    merged = lora.merged_copy(model)
-    save_pretrained(merged, path, max_shard_size=config.checkpoint.max_shard_size, dtype=dtype)
-    tokenizer.save(path, chat_template=chat_template)
+        replace_folder(temporary / "model", path)
+        temporary.rmdir()

@@ -29,7 +29,8 @@ from torch import nn
 from . import distributed
 from .config import ConfigError, RunConfig
 from .distributed import Run
-from .files import replace_folder, write_text_atomically
+from .files import remove_stale_temporaries, replace_folder, write_text_atomically
+from .safe_dcp import CheckpointStateError, check_checkpoint_folder, load_rng_state, load_state_safely
 
 log = logging.getLogger("nanotune")
 
@@ -46,16 +47,34 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def check_output_dir(output_dir: Path, config: RunConfig) -> None:
-    """Refuse to mix two runs' checkpoints in one folder, unless told to resume or to start over."""
+    """Refuse to mix two runs in one folder, unless told to resume or to start over.
+
+    An earlier run's checkpoints, or its `final/` model, stay untouched unless
+    `checkpoint.resume` (continue that run) or `checkpoint.overwrite` (start over: the old
+    checkpoints are removed now, `final/` is replaced when the new run ends) says otherwise.
+    What killed runs left half-written (temporary folders) is removed first.
+    """
+    remove_stale_temporaries(output_dir)
+    root = output_dir / CHECKPOINTS
+    for stale in root.glob("*.tmp") if root.exists() else []:  # a checkpoint write that never finished
+        shutil.rmtree(stale)
+    remove_stale_temporaries(root)
     earlier = checkpoint_folders(output_dir)
-    if not earlier or config.checkpoint.resume:
+    if config.checkpoint.overwrite:
+        if earlier:
+            shutil.rmtree(root)
         return
-    if not config.checkpoint.overwrite:
+    if earlier and not config.checkpoint.resume:
         raise ConfigError(
             f"{output_dir}: holds checkpoints of an earlier run ({earlier[-1].name}); pass "
             f"--checkpoint.resume=true to continue it or --checkpoint.overwrite=true to start over"
         )
-    shutil.rmtree(output_dir / CHECKPOINTS)
+    if not earlier and (output_dir / "final").exists():
+        raise ConfigError(
+            f"{output_dir}: holds the final model of an earlier run (final/) and no checkpoint to resume; "
+            f"pass --checkpoint.overwrite=true to start over (final/ is replaced when the new run ends) "
+            f"or choose another output_dir"
+        )
 
 
 def checkpoint_folders(output_dir: Path) -> list[Path]:
@@ -67,12 +86,81 @@ def checkpoint_folders(output_dir: Path) -> list[Path]:
     return sorted(complete, key=lambda p: int(p.name[5:]))
 
 
+def run_layout(config: RunConfig, world_size: int) -> dict:
+    """What fixes the data position of a step: a checkpoint resumes only into a run of the same layout."""
+    data = config.data
+    return {"global_batch_size": config.train.batch_size * config.train.grad_accum * world_size,
+            "seq_len": getattr(data, "seq_len", None) or getattr(data, "max_length", None),
+            "world_size": world_size}
+
+
+def find_resume_checkpoint(output_dir: Path, layout: dict, quiet: bool = False) -> Path | None:
+    """The newest intact checkpoint of `output_dir` whose layout fits this run's, or None if there is none.
+
+    A damaged checkpoint (a truncated shard, a missing `.metadata` or `trainer_state.json`, a
+    refused file) is passed over for the one before it, saying so; if every one is damaged, or
+    the run's global batch or sequence length differ from the checkpoint's (the data position
+    could not be kept), one line says what is wrong. A different world size with the same global
+    batch is allowed: the sampler gives the same global batches on any number of ranks.
+    """
+    folders = checkpoint_folders(output_dir)
+    newest_problem = None
+    for folder in reversed(folders):
+        try:
+            trainer_state = read_trainer_state(folder)
+            check_checkpoint_folder(folder / "state")
+            for rng_file in sorted(folder.glob("rng_rank*.pt")):
+                load_rng_state(rng_file)
+        except CheckpointStateError as error:
+            newest_problem = newest_problem or error
+            if not quiet:
+                log.warning("checkpoint %s is damaged or refused, passed over: %s", folder.name, error)
+            continue
+        saved = {key: trainer_state[key] for key in ("global_batch_size", "seq_len") if key in trainer_state}
+        for key, value in saved.items():
+            if value != layout[key]:
+                raise ConfigError(
+                    f"{folder}: saved with {key} {value}, this run has {layout[key]}: the data position cannot be "
+                    f"kept (global batch = train.batch_size x train.grad_accum x ranks); set them as the checkpoint's, "
+                    f"or start over with --checkpoint.overwrite=true"
+                )
+        if not quiet and trainer_state.get("world_size") != layout["world_size"]:
+            log.warning("resuming on %d ranks a run saved on %s: the same global batches follow; the random "
+                        "streams of dropout and NEFTune start afresh", layout["world_size"], trainer_state.get("world_size"))
+        if not quiet and folder != folders[-1]:
+            log.warning("resuming from %s, the newest intact checkpoint", folder.name)
+        return folder
+    if folders:
+        raise CheckpointStateError(f"no intact checkpoint to resume from in {output_dir / CHECKPOINTS} "
+                                   f"(newest: {newest_problem}); start over with --checkpoint.overwrite=true")
+    return None
+
+
+def read_trainer_state(folder: Path) -> dict:
+    """checkpoints/step_N/trainer_state.json, with one line naming the file if it is missing or broken."""
+    path = folder / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        int(state["step"]), dict(state["sampler"])
+    except FileNotFoundError:
+        raise CheckpointStateError(f"{path}: missing (an incomplete checkpoint)") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointStateError(f"{path}: not a trainer state ({error})") from None
+    return state
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    folders = checkpoint_folders(output_dir)
+    return folders[-1] if folders else None
+
+
 @dataclass
 class TrainingState:
     """What a step changes and a checkpoint must keep: the weights, the optimizer, the data position.
 
     `trainable_only`: frozen parameters (LoRA, embeddings-only training) are left out of the
-    checkpoint; on resume they come again from the base model.
+    checkpoint; on resume they come again from the base model. `layout`: `run_layout`, saved so
+    that a resumed run can be checked against it.
     """
 
     model: nn.Module
@@ -80,23 +168,31 @@ class TrainingState:
     sampler: object  # GlobalBatchSampler: state_dict() / load_state_dict()
     scaler: object | None  # the fp16 gradient scaler, or None
     trainable_only: bool
+    layout: dict
 
     def save(self, output_dir: Path, step: int, run: Run, keep_last: int) -> None:
         """Write checkpoints/step_N (via step_N.tmp) and keep only the newest `keep_last`."""
         root = output_dir / CHECKPOINTS
         final, temporary = root / f"step_{step}", root / f"step_{step}.tmp"
-        if run.is_main:
-            for stale in root.glob("*.tmp") if root.exists() else []:
-                shutil.rmtree(stale)
-            temporary.mkdir(parents=True)
-        distributed.barrier(run)
-        save_training_state(temporary / "state", self.model, self.optimizer, self.trainable_only)
-        torch.save(rng_state(), temporary / f"rng_rank{run.rank}.pt")
-        if run.is_main:
-            trainer_state = {"step": step, "sampler": self.sampler.state_dict(), "world_size": run.world_size,
-                             "scaler": self.scaler.state_dict() if self.scaler else None}
-            write_text_atomically(temporary / TRAINER_STATE, json.dumps(trainer_state, indent=2))
-        distributed.barrier(run)
+        try:
+            if run.is_main:
+                for stale in root.glob("*.tmp") if root.exists() else []:
+                    shutil.rmtree(stale)
+                temporary.mkdir(parents=True)
+            distributed.barrier(run)
+            save_training_state(temporary / "state", self.model, self.optimizer, self.trainable_only)
+            torch.save(rng_state(), temporary / f"rng_rank{run.rank}.pt")
+            if run.is_main:
+                trainer_state = {"step": step, "sampler": self.sampler.state_dict(), **self.layout,
+                                 "scaler": self.scaler.state_dict() if self.scaler else None}
+                write_text_atomically(temporary / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+            distributed.barrier(run)
+        except BaseException as error:  # an error or Ctrl-C mid-write: no half-written checkpoint is left
+            if run.is_main:
+                shutil.rmtree(temporary, ignore_errors=True)
+            if _is_interrupt(error):
+                raise KeyboardInterrupt from None  # DCP wraps a Ctrl-C in its own CheckpointException
+            raise
         if run.is_main:
             replace_folder(temporary, final)
             for old in checkpoint_folders(output_dir)[:-keep_last] if keep_last > 0 else []:
@@ -104,23 +200,29 @@ class TrainingState:
         distributed.barrier(run)
 
     def resume_from_latest(self, output_dir: Path, run: Run) -> int:
-        """Load the latest complete checkpoint, if any; return the step to continue from (0 = none)."""
-        folders = checkpoint_folders(output_dir) if run.is_main else []
-        latest = distributed.broadcast_string(str(folders[-1]) if folders else None, run)
-        if latest is None:
+        """Load the newest intact checkpoint, if any; return the step to continue from (0 = none)."""
+        folder = find_resume_checkpoint(output_dir, self.layout, quiet=True) if run.is_main else None
+        folder = distributed.broadcast_string(str(folder) if folder else None, run)
+        if folder is None:
             log.info("checkpoint.resume: no checkpoint in %s, starting from step 0", output_dir / CHECKPOINTS)
             return 0
-        folder = Path(latest)
-        trainer_state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+        folder = Path(folder)
+        trainer_state = read_trainer_state(folder)
         load_training_state(folder / "state", self.model, self.optimizer, self.trainable_only)
         self.sampler.load_state_dict(trainer_state["sampler"])
         if self.scaler and trainer_state.get("scaler"):
             self.scaler.load_state_dict(trainer_state["scaler"])
         rng_file = folder / f"rng_rank{run.rank}.pt"
         if rng_file.exists() and trainer_state.get("world_size") == run.world_size:
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(load_rng_state(rng_file))
         log.info("resumed from %s (step %d)", folder, trainer_state["step"])
         return int(trainer_state["step"])
+
+
+def _is_interrupt(error: BaseException) -> bool:
+    failures = getattr(error, "failures", None) or {}  # torch's CheckpointException: rank -> (error, traceback)
+    return isinstance(error, KeyboardInterrupt) or any(
+        isinstance(failure[0], KeyboardInterrupt) for failure in failures.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,14 +259,13 @@ def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
 
 def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> None:
     """Read a `save_training_state` folder back into `model` and `optimizer`, in place."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     options = _state_dict_options(trainable_only)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optimizer": optimizer_state}
     with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(folder))
+        load_state_safely(state, folder)  # DCP's own reader unpickles; this one runs no code from the files
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from nanotune.files import (
-    replace_folder, temporary_folder, write_atomically, write_lines_atomically, write_text_atomically,
+    remove_stale_temporaries, replace_folder, temporary_folder, write_atomically, write_lines_atomically, write_text_atomically,
 )
 
 
@@ -29,16 +29,31 @@ def test_lines_are_streamed_from_a_generator_one_per_line(tmp_path):
     assert path.read_text(encoding="utf-8") == '{"i": 0}\n{"i": 1}\n{"i": 2}\n'
 
 
-def test_replace_folder_swaps_a_whole_folder_for_another(tmp_path):
+def test_replace_folder_swaps_a_whole_folder_for_another_and_touches_no_sibling(tmp_path):
     model = tmp_path / "model"
-    stale = temporary_folder(model)
-    (stale / "leftover").write_text("from a killed run")
+    (tmp_path / "model.tmp").mkdir()  # a user's own folders beside the destination
+    (tmp_path / "model.old").mkdir()
     first = temporary_folder(model)
-    assert list(first.iterdir()) == []  # a leftover temporary folder is emptied first
+    assert list(first.iterdir()) == []
     (first / "a.safetensors").write_text("1")
     replace_folder(first, model)
     second = temporary_folder(model)
     (second / "b.safetensors").write_text("2")
     replace_folder(second, model)
     assert [p.name for p in model.iterdir()] == ["b.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.old", "model.tmp"]
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / f"final.tmp-{dead_pid}-abc123").mkdir()
+    (tmp_path / f"final.old-{dead_pid}-xyz").mkdir()
+    live = temporary_folder(tmp_path / "final")  # this process's own, in use
+    (tmp_path / "final.tmp").mkdir()  # not a name nanotune makes: never touched
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [f"final.old-{dead_pid}-xyz", f"final.tmp-{dead_pid}-abc123"]
+    assert live.exists() and (tmp_path / "final.tmp").exists()

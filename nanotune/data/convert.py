@@ -19,9 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-from nanotune.data.formats import READERS, iter_conversation_records
-from nanotune.data.records import DataError, os_error_line
-from nanotune.files import write_lines_atomically
+from .formats import READERS, iter_conversation_records
+from .records import DataError, os_error_line
+from ..files import write_lines_atomically
 
 
 def write_jsonl_atomic(path: Path, conversations: list[list[dict]]) -> None:

@@ -32,9 +32,9 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from nanotune.data.records import DataError, expand_files, iter_json_records, iter_jsonl_values
+from .records import DataError, expand_files, iter_json_records, iter_jsonl_values
 
-logger = logging.getLogger("nanotune")
+log = logging.getLogger("nanotune")
 
 ROLES = ("system", "user", "assistant")
 
@@ -277,7 +277,7 @@ def iter_conversation_records(
                     raise DataError(message) from None
                 stats["invalid"] += 1
                 if stats["invalid"] <= 10:
-                    logger.warning("skipping invalid record: %s", message)
+                    log.warning("skipping invalid record: %s", message)
                 continue
             stats["conversations"] += len(conversations)
             yield path, line, conversations
@@ -306,12 +306,12 @@ def read_conversations(
 
     `format="auto"` detects each file's format from its first record. A bad record raises
     `DataError("file:line: ...")`, or with `skip_invalid=True` is skipped, counted in
-    `stats["invalid"]` and logged on the "nanotune" logger.
+    `stats["invalid"]` and logged on the "nanotune" log.
     """
     stats = stats if stats is not None else {}
     conversations = []
     for _, _, record_conversations in iter_conversation_records(path_or_paths, format, skip_invalid, stats):
         conversations.extend(record_conversations)
     if stats.get("invalid"):
-        logger.warning("skipped %d invalid records of %d", stats["invalid"], stats["records"])
+        log.warning("skipped %d invalid records of %d", stats["invalid"], stats["records"])
     return conversations

@@ -30,9 +30,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from nanotune.data.records import DataError
-from nanotune.data.token_cache import TokenCache, build_token_cache, read_documents  # noqa: F401 (re-exported)
-from nanotune.model import IGNORE_INDEX  # -100: a label that carries no loss
+from .records import DataError
+from .token_cache import TokenCache, build_token_cache, read_documents  # noqa: F401 (re-exported)
+from ..loss import IGNORE_INDEX  # -100: a label that carries no loss
 
 PADDING_DOCUMENT_ID = -1  # padding in the final block: a "document" no real token attends to
 PADDING_TOKEN_ID = 0  # any id would do: padding is never attended to by real tokens nor predicted

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from nanotune.data.formats import read_conversations
-from nanotune.data.templates import Segment, Template, get_template
-from nanotune.loss import IGNORE_INDEX
+from .formats import read_conversations
+from .templates import Segment, Template, get_template
+from ..loss import IGNORE_INDEX
 
-logger = logging.getLogger("nanotune")
+log = logging.getLogger("nanotune")
 
 TRUNCATION_STRATEGIES = ("drop", "truncate", "truncate_left")
 REASONING_TURNS = ("last", "every")
@@ -346,7 +346,7 @@ def build_sft_dataset(
                 stats["tokens"] += len(sample["input_ids"])
                 stats["target_tokens"] += sum(label != IGNORE_INDEX for label in sample["labels"])
     stats["samples"] = len(samples)
-    logger.info(
+    log.info(
         "SFT data (%s template): %d records (%d invalid skipped) -> %d conversations -> %d samples; "
         "%d truncated, %d dropped as longer than %s tokens, %d skipped with no token to train on; "
         "%d tokens, %d of them targets",

@@ -32,11 +32,11 @@ import json
 import logging
 from datetime import datetime
 
-from nanotune.config import ConfigError
-from nanotune.data.sft import tokenize_segments
-from nanotune.data.templates import TEMPLATES, Template, get_template
+from ..config import ConfigError
+from .sft import tokenize_segments
+from .templates import TEMPLATES, Template, get_template
 
-logger = logging.getLogger("nanotune")
+log = logging.getLogger("nanotune")
 
 DEFAULT_BY_PIECE = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"))
 DEFAULT_TEMPLATE = "llama2"
@@ -223,9 +223,9 @@ def resolve_template(setting: str, tokenizer, check: bool = True) -> Template:
     if setting != "auto":
         template = get_template(setting)
         if not check:
-            logger.info("data.template %s: not checked against %s's chat template (data.template_check = false)", setting, where)
+            log.info("data.template %s: not checked against %s's chat template (data.template_check = false)", setting, where)
         elif not oracle:
-            logger.info("data.template %s: used unchecked (%s)", setting, _why_no_oracle(chat_template, where))
+            log.info("data.template %s: used unchecked (%s)", setting, _why_no_oracle(chat_template, where))
         else:
             difference = compare_with_jinja(template, tokenizer, chat_template)
             if difference is not None:
@@ -233,17 +233,17 @@ def resolve_template(setting: str, tokenizer, check: bool = True) -> Template:
                     f"data.template = {setting!r} renders differently from the chat_template of {where}: {difference} "
                     f"(data.template = \"auto\" picks the matching one; data.template_check = false uses {setting!r} anyway)"
                 )
-            logger.info("data.template %s: renders the probe conversations exactly as %s's chat template", setting, where)
+            log.info("data.template %s: renders the probe conversations exactly as %s's chat template", setting, where)
         return template
     if not oracle:
         name = next((name for piece, name in DEFAULT_BY_PIECE if tokenizer.piece_to_id(piece) is not None), DEFAULT_TEMPLATE)
-        logger.info("data.template auto: %s by the vocabulary (%s)", name, _why_no_oracle(chat_template, where))
+        log.info("data.template auto: %s by the vocabulary (%s)", name, _why_no_oracle(chat_template, where))
         return get_template(name)
     mismatches = {}
     for name, template in TEMPLATES.items():  # the first that matches: qwen3 before qwen3_nothink
         mismatches[name] = _first_mismatch(template, tokenizer, chat_template)
         if mismatches[name] is None:
-            logger.info("data.template auto: %s, which renders the probe conversations exactly as %s's chat template", name, where)
+            log.info("data.template auto: %s, which renders the probe conversations exactly as %s's chat template", name, where)
             return template
     closest = max(mismatches, key=lambda name: mismatches[name][0])  # the one that agrees longest
     raise ConfigError(

@@ -42,7 +42,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from nanotune.data.formats import check_conversation
+from .formats import check_conversation
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nanotune.data.records import DataError, expand_files, iter_json_records, iter_jsonl_values, iter_text_lines
+from ..files import remove_stale_temporaries
+from .records import DataError, expand_files, iter_json_records, iter_jsonl_values, iter_text_lines
 
-logger = logging.getLogger("nanotune")
+log = logging.getLogger("nanotune")
 
 CACHE_FORMAT_VERSION = 2  # 2: a BOM is stripped, lone surrogates refused
 TXT_MODES = ("line", "paragraph")
@@ -111,7 +112,7 @@ def _documents_of_file(path: Path, options: dict, skipped: list | None = None) -
         elif text.strip():
             yield text
     if n_skipped:
-        logger.warning("%s: skipped %d invalid records (the first: %s)", path, n_skipped, first_problem)
+        log.warning("%s: skipped %d invalid records (the first: %s)", path, n_skipped, first_problem)
         if skipped is not None:
             skipped.append(n_skipped)
 
@@ -240,11 +241,12 @@ def build_token_cache(
     folder = Path(cache_dir) / key
     if (folder / "meta.json").exists():
         cache = TokenCache(folder)
-        logger.info("token cache hit: %s (%d documents, %d tokens)", folder, len(cache), cache.n_tokens)
+        log.info("token cache hit: %s (%d documents, %d tokens)", folder, len(cache), cache.n_tokens)
         return cache
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=folder.parent))  # same file system
+    remove_stale_temporaries(folder.parent)  # what builds killed midway left (their PID is gone)
+    temporary = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-{os.getpid()}-", dir=folder.parent))  # same file system
     try:
         meta = _write_tokens(paths, tokenizer, options, temporary, num_workers)
         meta.update(key=key, files=[str(p) for p in paths], tokenizer=str(tokenizer.path), options=options)
@@ -257,7 +259,7 @@ def build_token_cache(
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     cache = TokenCache(folder)
-    logger.info("token cache written: %s (%d documents, %d tokens)", folder, len(cache), cache.n_tokens)
+    log.info("token cache written: %s (%d documents, %d tokens)", folder, len(cache), cache.n_tokens)
     return cache
 
 
@@ -359,7 +361,7 @@ _worker_tokenizer = None
 
 def _load_worker_tokenizer(tokenizer_path: str) -> None:
     global _worker_tokenizer
-    from nanotune.tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     _worker_tokenizer = Tokenizer.from_file(tokenizer_path)
 
