@@ -128,7 +128,7 @@ class WeightReader:
 def write_model_folder(out: Path, config: dict, specs: dict, get_tensor, max_shard_size: str | int,
                        copy_files: list[Path], description: str) -> None:
     """OUT.tmp gets the shards (+ index), config.json, `copy_files` and SHA256SUMS; then it becomes OUT."""
-    with tqdm(total=len(specs), unit="tensor", desc=description) as progress:
+    with tqdm(total=len(specs), unit="tensor", desc=description, disable=None) as progress:
 
         def get_and_count(name: str) -> torch.Tensor:
             tensor = get_tensor(name)
@@ -227,7 +227,7 @@ def verify_sha256sums(sums_file: str | Path, folders: list[Path]) -> None:
     if unlisted:
         raise MergeError(f"{sums_file}: does not list {', '.join(sorted(unlisted))} of {folder}: "
                          f"every weight file must be checked")
-    for line_number, expected, name in tqdm(entries, unit="file", desc=f"checking {sums_file.name}"):
+    for line_number, expected, name in tqdm(entries, unit="file", desc=f"checking {sums_file.name}", disable=None):
         file = folder / name
         if not file.is_file():
             raise MergeError(f"{file}: missing (listed in {sums_file}:{line_number})")

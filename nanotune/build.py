@@ -46,7 +46,8 @@ def start_run(argv: list[str] | None, data_class: type) -> tuple[RunConfig, Run,
         lock_output_dir(output_dir)  # one run at a time in one folder
         check_output_dir(output_dir, config)  # never mix two runs' checkpoints or final models
         if config.checkpoint.resume:  # a damaged or mismatched checkpoint is one line now, not after the load
-            find_resume_checkpoint(output_dir, run_layout(config, run.world_size))
+            named = config.checkpoint.resume if isinstance(config.checkpoint.resume, str) else None
+            find_resume_checkpoint(output_dir, run_layout(config, run.world_size), named=named)
     seed_everything(config.seed, rank=0)  # the same initial weights (and LoRA init) on every run
     tokenizer = load_tokenizer(config)
     if config.model.path and config.tokenizer.path:

@@ -49,17 +49,17 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Where the model comes from. `path` = a HF-format folder; empty = from scratch with the shape below."""
 
-    path: str = ""
+    path: str = ""  # a HF-format model folder; empty = a model from scratch with the shape below
     dtype: str = "float32"  # dtype of the parameters (master weights): float32 | bfloat16 | float16
     # Shape of a model built from scratch (ignored when `path` is given). vocab_size = the tokenizer's.
-    hidden_size: int = 64
-    intermediate_size: int = 176
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 0  # 0 = num_attention_heads
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    tie_word_embeddings: bool = False
+    hidden_size: int = 64  # C, the width of every token's vector
+    intermediate_size: int = 176  # the MLP's inner width
+    num_hidden_layers: int = 2  # transformer blocks
+    num_attention_heads: int = 4  # query heads
+    num_key_value_heads: int = 0  # key/value heads (grouped-query attention); 0 = num_attention_heads
+    max_position_embeddings: int = 2048  # the longest sequence the model is meant for
+    rope_theta: float = 10000.0  # the base of the rotary embedding's frequencies
+    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
     # How packed rows attend: auto (flex on CUDA, per-document spans on the CPU), spans, mask, flex.
     packed_attention: str = "auto"
     loss_chunk_tokens: int = 1024  # tokens per chunk of the fused lm_head + cross-entropy
@@ -69,21 +69,21 @@ class ModelConfig:
 class TokenizerConfig:
     """A tokenizer.model / tokenizer.json / folder. Empty = the one in model.path."""
 
-    path: str = ""
+    path: str = ""  # a tokenizer.model / tokenizer.json / folder; empty = the one in model.path
 
 
 @dataclass
 class PretrainDataConfig:
     """Plain-text corpora, tokenised once into a cache and packed into blocks of seq_len tokens."""
 
-    train_files: list[str] = field(default_factory=list)
-    valid_files: list[str] = field(default_factory=list)
+    train_files: list[str] = field(default_factory=list)  # .txt / .jsonl / .json files or globs
+    valid_files: list[str] = field(default_factory=list)  # held-out files; empty = valid_fraction of train_files
     valid_fraction: float = 0.0  # hold out this fraction of documents when valid_files is empty
-    seq_len: int = 512
+    seq_len: int = 512  # tokens per packed block
     text_fields: list[str] = field(default_factory=lambda: ["text"])  # JSON fields joined into a document
-    field_separator: str = "\n"
+    field_separator: str = "\n"  # between the text_fields of one JSON record
     txt_mode: str = "line"  # .txt files: a document per "line" or per blank-line-separated "paragraph"
-    skip_invalid: bool = False
+    skip_invalid: bool = False  # skip (and count) bad records instead of stopping
     cache_dir: str = ""  # empty = output_dir/cache
     num_workers: int = 0  # tokenising processes; 0 = one per CPU core
 
@@ -92,30 +92,32 @@ class PretrainDataConfig:
 class SFTDataConfig:
     """Conversations (any supported format), rendered with a chat template and masked to the replies."""
 
-    train_files: list[str] = field(default_factory=list)
-    valid_files: list[str] = field(default_factory=list)
-    valid_fraction: float = 0.0
+    train_files: list[str] = field(default_factory=list)  # .jsonl / .json conversation files or globs
+    valid_files: list[str] = field(default_factory=list)  # held-out files; empty = valid_fraction of the samples
+    valid_fraction: float = 0.0  # hold out this fraction of the conversations when valid_files is empty
     format: str = "auto"  # messages | sharegpt | alpaca | panda | tcm_qg | auto
     template: str = "llama2"  # a name in data/templates.py, or "auto": the one the model's chat_template renders
     template_check: bool = True  # stop if the template renders differently from the model's chat_template
     reasoning_turns: str = "last"  # last | every: qwen3 trains earlier replies without / with their reasoning
-    max_length: int = 1024
-    truncation: str = "truncate"  # drop | truncate | truncate_left
-    train_on_prompt: bool = False
-    skip_invalid: bool = False
+    max_length: int = 1024  # tokens per sample (and per packed row)
+    truncation: str = "truncate"  # drop | truncate | truncate_left: what happens to a longer conversation
+    train_on_prompt: bool = False  # also train the prompt tokens, not only the replies
+    skip_invalid: bool = False  # skip (and count) bad records instead of stopping
     packing: bool = False  # pack several conversations into each row of max_length tokens
     group_by_length: bool = False  # padded batches of similar lengths (less padding)
 
 
 @dataclass
 class TrainConfig:
+    """How the model trains: batches, steps, device, precision, what trains."""
+
     batch_size: int = 8  # sequences per rank per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     max_steps: int = 0  # 0 = run `epochs` epochs
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the data, when max_steps is 0
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, none on the CPU) | none | bf16 | fp16
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     compile: bool = False  # torch.compile each transformer block
     # What trains: "all", "embeddings" (embed_tokens + lm_head), or a list of name patterns (fnmatch).
     trainable: list[str] = field(default_factory=lambda: ["all"])
@@ -126,11 +128,13 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 3e-4  # the peak learning rate
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay, on matrices only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's moment decay rates
+    eps: float = 1e-8  # AdamW's denominator guard
+    warmup_steps: int = 0  # steps of linear warmup from 0 to lr
     warmup_ratio: float = 0.0  # used when warmup_steps is 0: warmup = ratio * total steps
     schedule: str = "cosine"  # cosine | linear | constant
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
@@ -140,38 +144,49 @@ class OptimConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = 10
-    progress_bar: bool = True
+    """What the run reports as it goes: metrics.jsonl always; TensorBoard and W&B on request."""
+
+    every_steps: int = 10  # a metrics line every N steps
+    progress_bar: bool = True  # a tqdm bar on a terminal (plain log lines when stderr is not one)
+    tensorboard: bool = False  # also write TensorBoard events to output_dir/tensorboard (needs tensorboard)
+    wandb: bool = False  # also log to Weights & Biases (needs wandb; WANDB_MODE=offline works offline)
+    wandb_project: str = "nanotune"  # the W&B project name
 
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 0  # 0 = only at the end
+    """The validation loss: when, on how much, and whether to stop early."""
+
+    every_steps: int = 0  # evaluate every N steps; 0 = only at the end
     max_batches: int = 0  # 0 = the whole validation set
     batch_size: int = 0  # 0 = train.batch_size
+    early_stopping_patience: int = 0  # stop after N evaluations without a lower eval loss; 0 = never
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0 = only the final model
-    keep_last: int = 2
-    resume: bool = False  # continue from the latest checkpoint in output_dir
-    overwrite: bool = False  # start over in an output_dir that holds an earlier run's checkpoints
-    save_final: bool = True
-    final_dtype: str = ""  # dtype of the exported model; empty = as trained
-    max_shard_size: str = "5GB"
+    """Training checkpoints (exact resume) and the final model."""
+
+    every_steps: int = 0  # a checkpoint every N steps; 0 = only the final model
+    keep_last: int = 2  # checkpoints kept (the oldest are removed)
+    resume: bool | str = False  # true: continue from the newest intact checkpoint; or a path to checkpoints/step_N
+    overwrite: bool = False  # start over in an output_dir that holds an earlier run's checkpoints or final/
+    save_final: bool = True  # write output_dir/final at the end
+    save_best: bool = False  # keep the model of the lowest eval loss as output_dir/best
+    final_dtype: str = ""  # dtype of the exported model (float32, bfloat16, float16); empty = as trained
+    max_shard_size: str = "5GB"  # largest safetensors file of the exported model
 
 
 @dataclass
 class LoraConfig:
     """LoRA: train low-rank adapters instead of the weights. A [lora] table in the TOML enables it."""
 
-    enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
+    enabled: bool = False  # train adapters (a [lora] table or any --lora.* key switches it on)
+    r: int = 8  # the rank of each update
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.05  # dropout on the adapters' input
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # or ["all-linear"]
-    modules_to_save: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)  # modules trained in full beside the adapters
     merge_final: bool = False  # also write the merged model to output_dir/final_merged
 
 
@@ -183,15 +198,15 @@ class DistributedConfig:
     mixed_precision: bool = True  # on CUDA: bf16 params in compute, fp32 gradient reduction
     cpu_offload: bool = False  # keep sharded params, grads and optimizer state in CPU memory
     backend: str = "auto"  # auto (nccl on CUDA, gloo on the CPU) | nccl | gloo
-    timeout_minutes: int = 30
+    timeout_minutes: int = 30  # how long a collective may wait for the slowest rank
 
 
 @dataclass
 class RunConfig:
     """Everything a training run needs. `data` is PretrainDataConfig or SFTDataConfig."""
 
-    output_dir: str = "runs/default"
-    seed: int = 0
+    output_dir: str = "runs/default"  # where config, metrics, checkpoints and final/ go
+    seed: int = 0  # initial weights, data order, dropout
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: PretrainDataConfig | SFTDataConfig = field(default_factory=PretrainDataConfig)
@@ -212,6 +227,12 @@ class RunConfig:
 def load_config(argv: list[str] | None, data_class: type = PretrainDataConfig) -> RunConfig:
     """`--config file.toml` (optional) and `--section.key value` overrides -> a checked RunConfig."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:  # every key, its type, default and meaning; then stop
+        from .config_help import config_help
+
+        script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "train.py"
+        print(config_help(script, RunConfig, data_class, getattr(sys.modules.get("__main__"), "__doc__", None) or ""))
+        raise SystemExit(0)
     config_file, overrides = _split_argv(argv)
     config = RunConfig(data=data_class())
     if config_file is not None:
@@ -430,14 +451,16 @@ def validate(config: RunConfig) -> None:
     check(0.0 <= config.optim.warmup_ratio < 1.0, "optim.warmup_ratio must be in [0, 1)")
     check(config.train.mixed_precision in ("auto", "none", "bf16", "fp16"),
           f"train.mixed_precision must be auto, none, bf16 or fp16, not {config.train.mixed_precision!r}")
-    check(config.model.dtype in ("float32", "bfloat16", "float16"),
-          f"model.dtype must be float32, bfloat16 or float16, not {config.model.dtype!r}")
+    check(config.model.dtype.lower() in FINAL_DTYPES,
+          f"model.dtype must be float32, bfloat16 or float16 (or fp32, bf16, fp16), not {config.model.dtype!r}")
+    config.model.dtype = FINAL_DTYPES[config.model.dtype.lower()]
     check(config.model.packed_attention in ("auto", "spans", "mask", "flex"),
           f"model.packed_attention must be auto, spans, mask or flex, not {config.model.packed_attention!r}")
     check(0.0 <= config.train.freeze_bottom_fraction <= 1.0, "train.freeze_bottom_fraction must be in [0, 1]")
     check(config.optim.fused in ("auto", "fused", "foreach", "none"),
           f"optim.fused must be auto, fused, foreach or none, not {config.optim.fused!r}")
     _validate_numbers(config, check)
+    _validate_logging_and_eval(config, check)
     _validate_model_and_device(config, check)
     _validate_checkpoint_and_lora(config, check)
     data = config.data
@@ -457,6 +480,20 @@ def validate(config: RunConfig) -> None:
     else:
         check(data.txt_mode in ("line", "paragraph"), f"data.txt_mode must be line or paragraph, not {data.txt_mode!r}")
         check(data.seq_len >= 1, f"data.seq_len must be >= 1 (tokens per block), not {data.seq_len}")
+
+
+def _validate_logging_and_eval(config: RunConfig, check) -> None:
+    import importlib.util
+
+    for key, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        check(not getattr(config.log, key) or importlib.util.find_spec(package) is not None,
+              f"log.{key} = true needs the {package} package: pip install {package}")
+    check(config.eval.early_stopping_patience >= 0, "eval.early_stopping_patience must be >= 0 (0 = never stop early)")
+    check(config.eval.early_stopping_patience == 0 or config.eval.every_steps > 0,
+          "eval.early_stopping_patience needs eval.every_steps > 0 (evaluations to compare)")
+    resume = config.checkpoint.resume
+    check(not isinstance(resume, str) or Path(resume).is_dir(),
+          f"checkpoint.resume: {resume!r} is not a folder (give true, or a path to checkpoints/step_N)")
 
 
 # What the optimizer, the schedule and the loop would reject later, with a traceback, or after

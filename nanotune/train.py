@@ -19,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import save_pretrained
@@ -39,8 +39,8 @@ from .objective import TokenObjective
 from .optim import build_optimizer, schedule_from_config
 from .preflight import check_enough_samples
 from .run_lock import unlock_output_dir
-from .run_log import DivergenceGuard, LogWindow, MetricsFile
-from .train_state import TrainingState, last_checkpoint, run_layout, seed_everything
+from .run_log import DivergenceGuard, LogWindow, MetricsFile, log_start, log_summary, progress_bar
+from .train_state import EvalTracker, TrainingState, last_checkpoint, run_layout, seed_everything
 
 log = logging.getLogger("nanotune")
 
@@ -105,21 +105,22 @@ def train(
     lr_for_step = schedule_from_config(config.optim, total_steps)
     autocast, scaler = mixed_precision(config.train.mixed_precision, run)
 
-    state = TrainingState(model, optimizer, sampler, scaler, trainable_only, run_layout(config, run.world_size))
-    start_step = state.resume_from_latest(output_dir, run) if config.checkpoint.resume else 0
-    metrics = MetricsFile(output_dir / "metrics.jsonl", run, keep_up_to_step=start_step)
+    evals = EvalTracker(patience=config.eval.early_stopping_patience)
+    state = TrainingState(model, optimizer, sampler, scaler, trainable_only, run_layout(config, run.world_size), evals)
+    resume = config.checkpoint.resume
+    start_step = state.resume(output_dir, run, named=resume if isinstance(resume, str) else None) if resume else 0
+    metrics = MetricsFile(output_dir / "metrics.jsonl", run, keep_up_to_step=start_step, log_config=config.log)
     if run.is_main:
-        log.info("training for %d steps from step %d (%d steps per epoch)", total_steps, start_step,
-                 sampler.steps_per_epoch)
+        log_start(run, config, total_steps, start_step, sampler.steps_per_epoch)
 
-    progress = tqdm(total=total_steps, initial=start_step, disable=not (run.is_main and config.log.progress_bar),
-                    desc="train", dynamic_ncols=True)
+    progress = progress_bar(run, config, total=total_steps, initial=start_step, desc="train")
     window = LogWindow(run.device, objective)
     guard = DivergenceGuard(run.device, watch_grad_norm=scaler is None)  # NaN or inf stops the run
     batches = iter(sampler)
     last_eval: dict = {}
     last_record: dict = {}
     model.train()
+    started, done = time.perf_counter(), start_step
     for step in range(start_step, total_steps):
         micro_batches = [to_device(collate([train_data[i] for i in indices]), run.device) for indices in next(batches)]
 
@@ -160,21 +161,32 @@ def train(
             progress.set_postfix(loss=f"{last_record['loss']:.4f}", lr=f"{lr:.2e}")
         if valid_data is not None and config.eval.every_steps and done % config.eval.every_steps == 0 and done < total_steps:
             last_eval = evaluate(model, objective, valid_data, collate, run, config, autocast)
-            metrics.write({"step": done, **last_eval})
+            metrics.write({"step": done, **last_eval}, split="eval")
+            if evals.update(done, last_eval["eval_loss"]) and config.checkpoint.save_best:
+                save_final(model, tokenizer, output_dir, run, config, chat_template, name="best")
         if config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0 and done < total_steps:
             guard.check(run, last_checkpoint(output_dir))  # never save a diverged model
             state.save(output_dir, done, run, config.checkpoint.keep_last)
+        if evals.should_stop:
+            log.info("early stopping at step %d: no lower eval loss in %d evaluations (best %.4f at step %d)",
+                     done, evals.patience, evals.best_loss, evals.best_step)
+            break
     progress.close()
 
-    if valid_data is not None:
+    if valid_data is not None and not evals.should_stop:
         last_eval = evaluate(model, objective, valid_data, collate, run, config, autocast)
-        metrics.write({"step": total_steps, **last_eval})
+        metrics.write({"step": done, **last_eval}, split="eval")
+        if evals.update(done, last_eval["eval_loss"]) and config.checkpoint.save_best:
+            save_final(model, tokenizer, output_dir, run, config, chat_template, name="best")
+    guard.check(run, last_checkpoint(output_dir))
     if config.checkpoint.save_final:
         save_final(model, tokenizer, output_dir, run, config, chat_template)
     distributed.barrier(run)
+    metrics.close()
     if run.is_main:
         unlock_output_dir(output_dir)  # taken in build.start_run, before anything was written
-    return TrainResult(steps=total_steps, final_loss=last_record.get("loss"), eval=last_eval,
+        log_summary(output_dir, config, done - start_step, time.perf_counter() - started, last_record, last_eval, evals)
+    return TrainResult(steps=done, final_loss=last_record.get("loss"), eval=last_eval,
                        tokens_per_s=last_record.get("tokens_per_s"))
 
 
@@ -246,7 +258,7 @@ def evaluate(model: nn.Module, objective, data, collate, run: Run, config: RunCo
     if config.eval.max_batches:
         batches = batches[: config.eval.max_batches]
     window = LogWindow(run.device, objective)
-    for batch_indices in tqdm(batches, desc="eval", leave=False, disable=not (run.is_main and config.log.progress_bar)):
+    for batch_indices in progress_bar(run, config, iterable=batches, desc="eval", leave=False):
         items = [data[i] if i is not None else objective.without_units(data[0]) for i in batch_indices]
         batch = to_device(collate(items), run.device)
         with autocast:
@@ -266,7 +278,8 @@ def evaluate(model: nn.Module, objective, data, collate, run: Run, config: RunCo
 # ----------------------------------------------------------------------------------------------
 
 
-def save_final(model: Llama, tokenizer, output_dir: Path, run: Run, config: RunConfig, chat_template=None) -> None:
+def save_final(model: Llama, tokenizer, output_dir: Path, run: Run, config: RunConfig, chat_template=None,
+               name: str = "final") -> None:
     """output_dir/final: the HF-format model or the LoRA adapter, with the tokenizer and the config.
 
     Everything is written into a new temporary folder that then replaces `final/` whole: an
@@ -287,8 +300,8 @@ def save_final(model: Llama, tokenizer, output_dir: Path, run: Run, config: RunC
             tokenizer.save(folder, chat_template=chat_template)
             write_text_atomically(folder / "training_config.toml", to_toml(config))
 
-    write_whole_folder(output_dir / "final", run, fill)
-    if config.lora.enabled and config.lora.merge_final:
+    write_whole_folder(output_dir / name, run, fill)
+    if config.lora.enabled and config.lora.merge_final and name == "final":
         if run.distributed:
             log.warning("lora.merge_final with FSDP: run `python merge.py lora` on the saved adapter instead")
             return

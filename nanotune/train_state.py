@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import shutil
 import warnings
@@ -94,7 +95,7 @@ def run_layout(config: RunConfig, world_size: int) -> dict:
             "world_size": world_size}
 
 
-def find_resume_checkpoint(output_dir: Path, layout: dict, quiet: bool = False) -> Path | None:
+def find_resume_checkpoint(output_dir: Path, layout: dict, quiet: bool = False, named: str | None = None) -> Path | None:
     """The newest intact checkpoint of `output_dir` whose layout fits this run's, or None if there is none.
 
     A damaged checkpoint (a truncated shard, a missing `.metadata` or `trainer_state.json`, a
@@ -102,8 +103,10 @@ def find_resume_checkpoint(output_dir: Path, layout: dict, quiet: bool = False) 
     the run's global batch or sequence length differ from the checkpoint's (the data position
     could not be kept), one line says what is wrong. A different world size with the same global
     batch is allowed: the sampler gives the same global batches on any number of ranks.
+    `named`: resume from that checkpoint folder (`checkpoint.resume = "path/to/step_N"`), which
+    must then be intact itself.
     """
-    folders = checkpoint_folders(output_dir)
+    folders = [Path(named)] if named else checkpoint_folders(output_dir)
     newest_problem = None
     for folder in reversed(folders):
         try:
@@ -113,6 +116,8 @@ def find_resume_checkpoint(output_dir: Path, layout: dict, quiet: bool = False) 
                 load_rng_state(rng_file)
         except CheckpointStateError as error:
             newest_problem = newest_problem or error
+            if named:
+                raise
             if not quiet:
                 log.warning("checkpoint %s is damaged or refused, passed over: %s", folder.name, error)
             continue
@@ -127,7 +132,7 @@ def find_resume_checkpoint(output_dir: Path, layout: dict, quiet: bool = False) 
         if not quiet and trainer_state.get("world_size") != layout["world_size"]:
             log.warning("resuming on %d ranks a run saved on %s: the same global batches follow; the random "
                         "streams of dropout and NEFTune start afresh", layout["world_size"], trainer_state.get("world_size"))
-        if not quiet and folder != folders[-1]:
+        if not quiet and folder != folders[-1] and not named:
             log.warning("resuming from %s, the newest intact checkpoint", folder.name)
         return folder
     if folders:
@@ -154,6 +159,43 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return folders[-1] if folders else None
 
 
+class EvalTracker:
+    """The best evaluation so far, and whether to stop early: kept in every checkpoint.
+
+    `update` takes each evaluation's loss and says whether it is the best yet (then the loop
+    saves `best/` when `checkpoint.save_best` is on); after `patience` evaluations in a row
+    without a lower loss, `should_stop` turns true (`eval.early_stopping_patience`; 0 = never).
+    """
+
+    def __init__(self, patience: int = 0):
+        self.patience = patience
+        self.best_loss: float | None = None
+        self.best_step: int | None = None
+        self.evaluations_without_improvement = 0
+
+    def update(self, step: int, eval_loss: float) -> bool:
+        if not math.isfinite(eval_loss):
+            return False  # a NaN is never the best; the divergence guard stops the run
+        improved = self.best_loss is None or eval_loss < self.best_loss
+        if improved:
+            self.best_loss, self.best_step, self.evaluations_without_improvement = eval_loss, step, 0
+        else:
+            self.evaluations_without_improvement += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.evaluations_without_improvement >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "best_step": self.best_step,
+                "evaluations_without_improvement": self.evaluations_without_improvement}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_loss, self.best_step = state["best_loss"], state["best_step"]
+        self.evaluations_without_improvement = state["evaluations_without_improvement"]
+
+
 @dataclass
 class TrainingState:
     """What a step changes and a checkpoint must keep: the weights, the optimizer, the data position.
@@ -169,6 +211,7 @@ class TrainingState:
     scaler: object | None  # the fp16 gradient scaler, or None
     trainable_only: bool
     layout: dict
+    evals: EvalTracker
 
     def save(self, output_dir: Path, step: int, run: Run, keep_last: int) -> None:
         """Write checkpoints/step_N (via step_N.tmp) and keep only the newest `keep_last`."""
@@ -184,7 +227,8 @@ class TrainingState:
             torch.save(rng_state(), temporary / f"rng_rank{run.rank}.pt")
             if run.is_main:
                 trainer_state = {"step": step, "sampler": self.sampler.state_dict(), **self.layout,
-                                 "scaler": self.scaler.state_dict() if self.scaler else None}
+                                 "scaler": self.scaler.state_dict() if self.scaler else None,
+                                 "evals": self.evals.state_dict()}
                 write_text_atomically(temporary / TRAINER_STATE, json.dumps(trainer_state, indent=2))
             distributed.barrier(run)
         except BaseException as error:  # an error or Ctrl-C mid-write: no half-written checkpoint is left
@@ -199,9 +243,9 @@ class TrainingState:
                 shutil.rmtree(old)
         distributed.barrier(run)
 
-    def resume_from_latest(self, output_dir: Path, run: Run) -> int:
-        """Load the newest intact checkpoint, if any; return the step to continue from (0 = none)."""
-        folder = find_resume_checkpoint(output_dir, self.layout, quiet=True) if run.is_main else None
+    def resume(self, output_dir: Path, run: Run, named: str | None = None) -> int:
+        """Load the newest intact checkpoint (or the `named` one), if any; return the step to continue from (0 = none)."""
+        folder = find_resume_checkpoint(output_dir, self.layout, quiet=True, named=named) if run.is_main else None
         folder = distributed.broadcast_string(str(folder) if folder else None, run)
         if folder is None:
             log.info("checkpoint.resume: no checkpoint in %s, starting from step 0", output_dir / CHECKPOINTS)
@@ -212,6 +256,8 @@ class TrainingState:
         self.sampler.load_state_dict(trainer_state["sampler"])
         if self.scaler and trainer_state.get("scaler"):
             self.scaler.load_state_dict(trainer_state["scaler"])
+        if trainer_state.get("evals"):
+            self.evals.load_state_dict(trainer_state["evals"])
         rng_file = folder / f"rng_rank{run.rank}.pt"
         if rng_file.exists() and trainer_state.get("world_size") == run.world_size:
             set_rng_state(load_rng_state(rng_file))

@@ -293,7 +293,7 @@ def _write_tokens(paths, tokenizer, options, folder: Path, num_workers) -> dict:
     documents = (text for path in paths for text in _documents_of_file(path, options, skipped))
     lengths: list[np.ndarray] = []
     n_tokens, started = 0, time.perf_counter()
-    bar = tqdm(desc=f"tokenising {len(paths)} file(s)", unit=" docs", unit_scale=True)
+    bar = tqdm(desc=f"tokenising {len(paths)} file(s)", unit=" docs", unit_scale=True, disable=None)  # none without a terminal
     with open(folder / "tokens.bin", "wb") as out:
         for tokens, document_lengths in _encode_chunks(_chunks(documents), tokenizer, dtype, num_workers):
             out.write(tokens.tobytes())
