@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import warnings
+from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from helpers import three_packed_documents
 import merge
 from nanotune.checkpoint import CheckpointError, load_pretrained, read_config, save_pretrained
 from nanotune.generate import generate, generate_batch
-from nanotune.lora import LoRALinear, apply_lora, save_adapter, trainable_parameters
+from nanotune.lora import LoRALinear, apply_lora, load_adapter, save_adapter, trainable_parameters
 from nanotune.model import make_attention_plan
 
 transformers = pytest.importorskip("transformers")
@@ -208,3 +211,88 @@ def test_another_model_type_is_refused_in_one_line_listing_the_supported(tmp_pat
     message = str(error.value)
     assert "\n" not in message and "gemma2" in message and "config.json" in message
     assert all(family in message for family in ("llama", "mistral", "qwen2", "qwen3"))
+
+
+# ---- End to end: train_sft.py on a tiny Qwen3 with the real Qwen3 tokenizer ------------------
+
+SHARED_QWEN3 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "qwen3"
+CONVERSATIONS = [
+    [{"role": "user", "content": "中医认为脾胃是后天之本，为什么？"}, {"role": "assistant", "content": "因为脾胃主运化水谷。"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2 + 2?"},
+     {"role": "assistant", "content": "4"}],
+    [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi 👋"},
+     {"role": "user", "content": "再说一遍"}, {"role": "assistant", "content": "你好！"}],
+    [{"role": "user", "content": "def f(x): return x * 2 — what is f(3)?"}, {"role": "assistant", "content": "6"}],
+]
+
+
+@pytest.fixture(scope="module")
+def qwen3_workspace(tmp_path_factory):
+    """A tiny random Qwen3 folder (hidden 32, the tokenizer's vocabulary) with the real Qwen3
+    tokenizer files beside it, and a conversation file in the messages format."""
+    if not (SHARED_QWEN3 / "tokenizer.json").exists() or not (SHARED_QWEN3 / "tokenizer_config.json").exists():
+        pytest.skip(f"{SHARED_QWEN3} not present (real tokenizer files)")
+    root = tmp_path_factory.mktemp("qwen3_sft")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED_QWEN3)
+    config = transformers.Qwen3Config(
+        vocab_size=len(hf_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=hf_tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    torch.manual_seed(0)
+    with quiet():
+        transformers.Qwen3ForCausalLM(config).save_pretrained(root / "base")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(SHARED_QWEN3 / name, root / "base" / name)
+    chat = root / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in CONVERSATIONS * 3),
+                    encoding="utf-8")
+    return root
+
+
+def chat_template_ids(folder, messages) -> list[int]:
+    rendered = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=True)
+    return list(rendered["input_ids"] if isinstance(rendered, Mapping) else rendered)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_train_sft_on_qwen3_gives_a_qwen3_whose_chat_template_renders_the_training_tokens(qwen3_workspace, tmp_path, lora):
+    import train_sft
+
+    base = qwen3_workspace / "base"
+    encoded = []
+    original_build = train_sft.build_sft_dataset
+
+    def capture(*args, **kwargs):  # the conversations as training encodes them
+        samples = original_build(*args, **kwargs)
+        encoded.extend(list(samples[i]["input_ids"]) for i in range(len(samples)))
+        return samples
+
+    args = [f"--output_dir={tmp_path / 'run'}", f"--model.path={base}", f"--data.train_files={qwen3_workspace / 'chat.jsonl'}",
+            "--data.template=auto", "--data.packing=true", "--data.max_length=96", "--train.batch_size=2",
+            "--train.max_steps=3", "--optim.lr=1e-3", "--log.every_steps=1", "--log.progress_bar=false"]
+    if lora:
+        args += ["--lora.r=4", "--lora.alpha=8", "--lora.targets=all-linear", "--lora.merge_final=true"]
+    train_sft.build_sft_dataset = capture
+    try:
+        train_sft.main(args)
+    finally:
+        train_sft.build_sft_dataset = original_build
+    final = tmp_path / "run" / "final"
+    assert [list(map(int, ids)) for ids in encoded] == [chat_template_ids(final, m) for m in CONVERSATIONS * 3]
+
+    input_ids = torch.tensor([encoded[0]])
+    with quiet(), torch.no_grad():
+        if lora:
+            hf_base = transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
+            theirs = peft.PeftModel.from_pretrained(hf_base, final).eval()(input_ids=input_ids).logits
+            merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final_merged")
+            assert type(merged).__name__ == "Qwen3ForCausalLM"
+            ours = load_adapter(load_pretrained(base), final)(input_ids)
+        else:
+            hf_final = transformers.AutoModelForCausalLM.from_pretrained(final, attn_implementation="eager")
+            assert type(hf_final).__name__ == "Qwen3ForCausalLM"
+            assert json.loads((final / "config.json").read_text())["model_type"] == "qwen3"
+            theirs = hf_final(input_ids).logits
+            ours = load_pretrained(final)(input_ids)
+    torch.testing.assert_close(ours, theirs, atol=TOLERANCE, rtol=0)
