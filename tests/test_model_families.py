@@ -296,3 +296,43 @@ def test_train_sft_on_qwen3_gives_a_qwen3_whose_chat_template_renders_the_traini
             theirs = hf_final(input_ids).logits
             ours = load_pretrained(final)(input_ids)
     torch.testing.assert_close(ours, theirs, atol=TOLERANCE, rtol=0)
+
+
+def test_fsdp_pretraining_of_a_windowed_qwen3_with_a_grown_vocabulary_equals_one_process(tmp_path):
+    """Two gloo ranks (FSDP2) against one process, on a Qwen3 with q/k norms, biases on all four
+    projections and a windowed layer (window 8 < seq_len 32); the 512-piece tokenizer grows the
+    256-row vocabulary. The result is still a Qwen3 that transformers loads with the same logits."""
+    import test_distributed
+    import train_pt
+    from helpers import corpus_lines, train_sentencepiece
+    from test_train import assert_same_weights, final_weights, losses
+
+    config = transformers.Qwen3Config(**SHAPE, head_dim=32, attention_bias=True, use_sliding_window=True,
+                                      sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    with quiet():
+        transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "base")
+    tokenizer = train_sentencepiece(tmp_path, vocab_size=512, lines=corpus_lines(300, seed=1))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(corpus_lines(120, seed=2)) + "\n", encoding="utf-8")
+
+    def args(output_dir, *extra):
+        return [f"--output_dir={output_dir}", f"--model.path={tmp_path / 'base'}", f"--tokenizer.path={tokenizer}",
+                f"--data.train_files={corpus}", "--data.seq_len=32", f"--data.cache_dir={tmp_path / 'cache'}",
+                "--data.num_workers=1", "--optim.lr=3e-3", "--log.every_steps=1", "--log.progress_bar=false",
+                "--train.max_steps=3", *extra]
+
+    test_distributed.torchrun("train_pt.py", args(tmp_path / "fsdp", "--train.batch_size=2", "--train.grad_accum=2"))
+    train_pt.main(args(tmp_path / "single", "--train.batch_size=8"))
+    assert len(losses(tmp_path / "single")) == 3
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+    assert_same_weights(final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "single"), atol=1e-5)
+
+    final = tmp_path / "fsdp" / "final"
+    saved = json.loads((final / "config.json").read_text())
+    assert (saved["model_type"], saved["vocab_size"], saved["layer_types"]) == ("qwen3", 512, config.layer_types)
+    with quiet(), torch.no_grad():
+        exported = transformers.AutoModelForCausalLM.from_pretrained(final, attn_implementation="eager")
+        assert type(exported).__name__ == "Qwen3ForCausalLM"
+        input_ids = random_ids(2, T, seed=6) * 2  # ids up to 510: new rows too
+        torch.testing.assert_close(exported(input_ids).logits, load_pretrained(final)(input_ids), atol=TOLERANCE, rtol=0)
