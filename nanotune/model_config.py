@@ -27,6 +27,8 @@ WINDOW_KEYS = ("use_sliding_window", "sliding_window", "max_window_layers", "lay
 
 @dataclass(frozen=True)
 class Family:
+    """What sets one LLaMA-like family apart: switches the model reads, the config keys it owns."""
+
     architecture: str  # the HF class, written to config.json's `architectures`
     keys: tuple[str, ...] = ()  # config keys the family reads beyond those every family reads
     qkv_bias: bool = False  # bias on q, k, v whatever attention_bias says (Qwen2)

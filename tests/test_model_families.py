@@ -94,6 +94,7 @@ def test_load_pretrained_logits_and_gradients_equal_transformers(family):
     name, hf, folder = family
     model = load_pretrained(folder)
     assert type(hf).__name__ == FAMILIES[name][2]
+    assert model.config.n_params == sum(p.numel() for p in hf.parameters())  # the count from the shape alone
     input_ids = random_ids(2, T)
     ours = model(input_ids)
     theirs = hf(input_ids).logits
