@@ -289,7 +289,8 @@ def apply_lora(
     for name in chosen:
         parent_name, child_name = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), r, config.scale, dropout))
+        adapted = LoRALinear(getattr(parent, child_name), r, config.scale, dropout)
+        setattr(parent, child_name, adapted.train(parent.training))  # an eval model's adapter drops nothing out
     for module_name in save_modules:
         for parameter in model.get_submodule(module_name).parameters():
             parameter.requires_grad_(True)

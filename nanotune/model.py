@@ -1,14 +1,16 @@
-"""The whole LLaMA model in one file: RMSNorm, rotary embedding, attention, MLP, block, model, KV cache.
+"""The whole LLaMA model in one file: RMSNorm, attention, MLP, block, model, KV cache (RoPE: rope.py).
 
 Module and parameter names follow the HuggingFace LLaMA layout (`model.embed_tokens`,
 `model.layers.0.self_attn.q_proj`, `model.norm`, `lm_head`), so a HF checkpoint's state dict loads
-with no renaming table and adapters trained here load in PEFT and back.
+with no renaming table and adapters trained here load in PEFT and back. The LLaMA-like families
+(Mistral, Qwen2, Qwen3) are switches of the config read here (model_config.FAMILIES): q/k/v bias,
+q/k norms, and a sliding window per layer that every attention path honours.
 
 Three things this file does that a first LLaMA implementation usually does not:
 
 * Packed sequences. `document_ids` (B, T) marks which document each token belongs to; attention is
   block-diagonal causal and positions restart at 0 per document, worked out once per forward
-  (`AttentionPlan`) and shared by every layer.
+  (`AttentionPlan`, one per distinct sliding window) and shared by the layers.
 * A loss that never builds the (B, T, V) logits. With `labels`, `forward` returns the *sum* of the
   token cross-entropies, chunk by chunk (loss.py); the caller divides by the global target count.
   `hidden_states` stops before the lm_head, for objectives that call loss.py themselves.
@@ -23,7 +25,6 @@ Shapes: B batch, T time (tokens of this forward), C hidden size (channels), V vo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from .loss import IGNORE_INDEX, LogitsWorkspace, linear_cross_entropy_sum  # noqa: F401 (IGNORE_INDEX re-exported)
 from .model_config import LlamaConfig
+from .rope import apply_rotary, rope_inverse_frequencies, rotary_cos_sin  # noqa: F401 (re-exported)
 
 
 # ---- Building blocks --------------------------------------------------------------------------
@@ -52,60 +54,6 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(input_dtype)
 
 
-def rope_inverse_frequencies(config: LlamaConfig, seq_len: int) -> torch.Tensor:
-    """The rotation speed of each pair of head dimensions, (D/2,), for each `rope_scaling` type.
-
-    * none: theta^(-2i/D), the original RoPE.
-    * linear: every frequency divided by `factor` (positions squeezed `factor` times).
-    * dynamic (NTK-aware): when the sequence is longer than `max_position_embeddings`, the base is
-      raised so the lowest frequency still fits; shorter sequences use the original frequencies.
-      The choice is made from `seq_len` (the largest position + 1) on every forward, statelessly.
-    * llama3: low frequencies divided by `factor`, high ones kept, a smooth ramp in between.
-    Computed in float32 on the CPU, exactly as transformers does, so logits match to the last bits.
-    """
-    D = config.head_dim
-    base = config.rope_theta
-    scaling = config.rope_scaling or {}
-    rope_type = scaling.get("rope_type", "default")
-    if rope_type == "dynamic" and seq_len > config.max_position_embeddings:
-        factor = scaling["factor"]
-        base = base * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (D / (D - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))  # (D/2,)
-    if rope_type == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif rope_type == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_context = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
-        smooth = (old_context / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
-        inv_freq = torch.where(is_medium, smoothed, scaled)
-    return inv_freq
-
-
-def rotary_cos_sin(config: LlamaConfig, position_ids: torch.Tensor, dtype: torch.dtype, seq_len: int):
-    """cos and sin of every position's rotation angles, each (B, T, D), shared by all layers."""
-    inv_freq = rope_inverse_frequencies(config, seq_len).to(position_ids.device)
-    angles = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (B, T, D): HF's rotate-half layout
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the angles of its positions; the rotate-half convention of HF.
-
-    Dimension i pairs with i + D/2 (Meta's original code interleaves the pairs; HF checkpoints
-    permute the q/k weights so that rotate-half gives the same result).
-    """
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
-
-
 # ---- Attention: how tokens may see each other, decided once per forward -----------------------
 
 
@@ -122,6 +70,9 @@ class AttentionPlan:
       "flex"    packed rows on CUDA: `flex_attention` with a block mask that skips whole tiles
                 between documents.
 
+    `window` W (sliding window): a query also sees only the W newest keys, itself included
+    (`causal_window`); a plan without a window in reach (T <= W) stays the window-free one.
+
     "auto" picks flex on CUDA and spans on the CPU. A caller that torch.compiles the blocks must
     resolve "auto" itself (`resolve_packed_attention`): compile bakes the spans' Python integers
     into the graph, so every new packing would recompile; one graph serves every mask tensor.
@@ -131,6 +82,7 @@ class AttentionPlan:
     spans: list[list[tuple[int, int]]] | None = None  # per row: (start, end) of each document
     mask: torch.Tensor | None = None  # (B, 1, T, S) bool
     block_mask: Any = None
+    window: int | None = None  # the spans' sliding window (the other kinds carry it in their mask)
 
 
 def document_spans(document_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -146,30 +98,45 @@ def document_spans(document_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return spans
 
 
-def block_diagonal_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool: token t may see token s iff s <= t and both belong to the same document."""
-    T = document_ids.shape[1]
+def causal_window(query_position, key_position, window: int | None):
+    """True where a query may see a key: not after it and, with a sliding window W, one of the W
+    newest keys, itself included (`key > query - W`, transformers' convention). Broadcasts."""
+    allowed = key_position <= query_position
+    return allowed if window is None else allowed & (key_position > query_position - window)
+
+
+def causal_window_mask(T: int, window: int | None, device) -> torch.Tensor:
+    """(T, T) bool: `causal_window` for one sequence of T tokens."""
+    position = torch.arange(T, device=device)
+    return causal_window(position[:, None], position[None, :], window)
+
+
+def block_diagonal_causal_mask(document_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, T) bool: token t may see token s iff s <= t (within the window) and both belong to
+    the same document."""
     same_document = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
-    return (same_document & causal).unsqueeze(1)
+    return (same_document & causal_window_mask(document_ids.shape[1], window, document_ids.device)).unsqueeze(1)
 
 
 def make_attention_plan(
-    document_ids: torch.Tensor | None, kv_cache: KVCache | None, T: int, packed_attention: str
+    document_ids: torch.Tensor | None, kv_cache: KVCache | None, T: int, packed_attention: str,
+    window: int | None = None, device=None,
 ) -> AttentionPlan:
     """A KV cache plans its own attention; packed rows (document_ids) follow `packed_attention`."""
     if kv_cache is not None:
-        return kv_cache.attention_plan(T)
+        return kv_cache.attention_plan(T, window)
+    if window is not None and T <= window:
+        window = None  # no query reaches past the window: the plan without one is the same, and fast
     if document_ids is None:
-        return AttentionPlan("causal")
+        return AttentionPlan("causal") if window is None else AttentionPlan("mask", mask=causal_window_mask(T, window, device))
     if packed_attention == "auto":
         packed_attention = "flex" if document_ids.is_cuda else "spans"
     if packed_attention == "spans":
-        return AttentionPlan("spans", spans=document_spans(document_ids))
+        return AttentionPlan("spans", spans=document_spans(document_ids), window=window)
     if packed_attention == "mask":
-        return AttentionPlan("mask", mask=block_diagonal_causal_mask(document_ids))
+        return AttentionPlan("mask", mask=block_diagonal_causal_mask(document_ids, window))
     if packed_attention == "flex":
-        return AttentionPlan("flex", block_mask=_flex_block_mask(document_ids))
+        return AttentionPlan("flex", block_mask=_flex_block_mask(document_ids, window))
     raise ValueError(f"packed_attention must be auto, spans, mask or flex, not {packed_attention!r}")
 
 
@@ -181,11 +148,11 @@ def resolve_packed_attention(setting: str, compiled: bool, device: torch.device 
     return setting
 
 
-def _flex_block_mask(document_ids: torch.Tensor):
+def _flex_block_mask(document_ids: torch.Tensor, window: int | None):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def same_document_causal(b, h, q_idx, kv_idx):
-        return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (kv_idx <= q_idx)
+        return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & causal_window(q_idx, kv_idx, window)
 
     B, T = document_ids.shape
     return create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device)
@@ -212,25 +179,31 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPla
     if plan.kind == "mask":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, enable_gqa=gqa)
     if plan.kind == "spans":
-        return attend_per_document(q, k, v, plan.spans, gqa)
+        return attend_per_document(q, k, v, plan.spans, gqa, plan.window)
     if plan.kind == "flex":
         return _flex_attention(q, k, v, plan.block_mask)
     raise ValueError(f"unknown attention plan {plan.kind!r}")
 
 
-def attend_per_document(q, k, v, spans: list[list[tuple[int, int]]], gqa: bool) -> torch.Tensor:
+def attend_per_document(q, k, v, spans: list[list[tuple[int, int]]], gqa: bool, window: int | None = None):
     """Causal SDPA run on each document span of each row alone: q (B, H, T, D) -> (B, H, T, D).
+    A document longer than the sliding window gets the banded mask; the others stay `is_causal`.
 
     Rows are taken apart with `unbind` and documents with `split`, not by indexing: the backward
     of each index is a zero-filled tensor of q's full size; that of split and unbind is one concat.
     """
+
+    def attend_document(q_doc, k_doc, v_doc):  # (H, T_d, D) each
+        T_d = q_doc.shape[1]
+        mask = causal_window_mask(T_d, window, q.device) if window is not None and T_d > window else None
+        return F.scaled_dot_product_attention(
+            q_doc[None], k_doc[None], v_doc[None], attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)[0]
+
     rows = []
     for q_row, k_row, v_row, row_spans in zip(q.unbind(0), k.unbind(0), v.unbind(0), spans):  # (H, T, D) each
         lengths = [end - start for start, end in row_spans]
-        pieces = [
-            F.scaled_dot_product_attention(q_doc[None], k_doc[None], v_doc[None], is_causal=True, enable_gqa=gqa)[0]
-            for q_doc, k_doc, v_doc in zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1))
-        ]  # (H, T_d, D) each
+        pieces = [attend_document(*documents) for documents in
+                  zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1))]  # (H, T_d, D) each
         rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
     return torch.stack(rows)
 
@@ -256,20 +229,23 @@ class KVCache:
         """Mark padded positions of the prompt (attention_mask (B, T_prompt): 1 real, 0 pad)."""
         self.key_is_real[:, : attention_mask.shape[1]] = attention_mask.bool()
 
-    def attention_plan(self, T: int) -> AttentionPlan:
+    def attention_plan(self, T: int, window: int | None = None) -> AttentionPlan:
+        """The plan of T new tokens over the cache; a sliding window counts cache slots, which
+        left padding does not break (a row's real tokens are consecutive slots)."""
         if self.length + T > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; asked for {self.length + T}")
         self._pending = T
         S = self.length + T
         has_padding = not bool(self.key_is_real[:, :S].all())
-        if self.length == 0 and not has_padding:
-            return AttentionPlan("causal")
-        if T == 1 and not has_padding:
-            return AttentionPlan("mask", mask=None)  # one new token sees everything stored
+        if not has_padding and (window is None or S <= window):
+            if self.length == 0:
+                return AttentionPlan("causal")
+            if T == 1:
+                return AttentionPlan("mask", mask=None)  # one new token sees everything stored
         device = self.key_is_real.device
         query_position = torch.arange(self.length, S, device=device)[:, None]  # (T, 1)
         key_position = torch.arange(S, device=device)[None, :]  # (1, S)
-        allowed = (key_position <= query_position)[None] & self.key_is_real[:, None, :S]  # (B, T, S)
+        allowed = causal_window(query_position, key_position, window)[None] & self.key_is_real[:, None, :S]  # (B, T, S)
         # A padded query row would see nothing and give NaN; let it see itself (its output is unused).
         allowed = allowed | (key_position == query_position)[None]
         return AttentionPlan("mask", mask=allowed.unsqueeze(1))
@@ -296,18 +272,24 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        C, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=bias)
+        C, D, qkv_bias = config.hidden_size, config.head_dim, config.qkv_bias
+        self.q_proj = nn.Linear(C, self.n_heads * D, bias=qkv_bias)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * D, bias=qkv_bias)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * D, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * D, C, bias=config.attention_bias)
+        self.qk_norm = config.family.qk_norm  # Qwen3: each head's q and k normed over D, before RoPE
+        if self.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(D, config.rms_norm_eps), RMSNorm(D, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, plan: AttentionPlan, kv_cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, H_kv, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, H_kv, S, D), S = cached + T
         y = attend(q, k, v, plan)  # (B, H, T, D)
@@ -360,7 +342,8 @@ class LlamaBody(nn.Module):
 
 
 class Llama(nn.Module):
-    """LLaMA with HF parameter names. `forward` returns logits, or the summed loss given labels.
+    """LLaMA (and its families) with HF parameter names. `forward` returns logits, or the summed loss
+    given labels.
 
     Options (how it computes, never what) are constructor arguments, fixed for the model's life,
     so `forward` reads nothing that another file assigned:
@@ -415,15 +398,17 @@ class Llama(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = self._default_positions(B, T, document_ids, kv_cache, input_ids.device)
-        plan = make_attention_plan(document_ids, kv_cache, T, self.packed_attention)
+        windows = self.config.layer_windows  # one plan per distinct sliding window (None: full)
+        plans = {w: make_attention_plan(document_ids, kv_cache, T, self.packed_attention, w, input_ids.device)
+                 for w in set(windows)}
 
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         seq_len = T if kv_cache is None else kv_cache.length + T
         if (self.config.rope_scaling or {}).get("rope_type") == "dynamic":
             seq_len = int(position_ids.max()) + 1  # dynamic NTK depends on the longest position
         cos, sin = rotary_cos_sin(self.config, position_ids, x.dtype, seq_len)  # (B, T, D) each
-        for block in self.model.layers:
-            x = block(x, cos, sin, plan, kv_cache)
+        for block, window in zip(self.model.layers, windows):
+            x = block(x, cos, sin, plans[window], kv_cache)
         x = self.model.norm(x)
         if kv_cache is not None:
             kv_cache.advance()

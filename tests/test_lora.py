@@ -303,3 +303,12 @@ def test_lora_trains_under_fsdp2_like_one_process(tmp_path):
         assert (sharded[name] - reference[name]).abs().max() <= TOLERANCE, name
     lora_B = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
     assert reference[lora_B].abs().max() > 1e-3  # training moved the adapter
+
+
+def test_lora_applied_to_an_eval_model_drops_nothing_out():
+    # load_pretrained gives an eval model; the adapter layers must not switch dropout back on.
+    model = apply_lora(tiny_model().eval(), r=4, alpha=8, dropout=0.5, targets="all-linear")
+    make_adapter_non_trivial(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids()), model(input_ids()))
+    assert not any(m.training for m in model.modules())
