@@ -140,19 +140,22 @@ def test_a_resume_with_another_global_batch_is_refused_before_the_model_loads(wo
 def test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_ends_with_its_own_model(workspace, tmp_path):  # noqa: F811
     output = tmp_path / "busy"
     first = subprocess.Popen([sys.executable, str(ROOT / "train_pt.py"),
-                              *pt_args(workspace, output, "--train.batch_size=4", "--train.max_steps=600", "--seed=1",
-                                       "--log.every_steps=50")],
+                              *pt_args(workspace, output, "--train.batch_size=4", "--train.max_steps=20", "--seed=1")],
                              env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lock = output / ".nanotune.lock"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and not (lock.exists() and lock.read_text().strip()):
         time.sleep(0.05)
-    second = run("train_pt.py", pt_args(workspace, output, "--train.batch_size=4", "--train.max_steps=3", "--seed=2"))
+    first.send_signal(signal.SIGSTOP)  # hold the first run inside its work, however fast the machine
+    try:
+        second = run("train_pt.py", pt_args(workspace, output, "--train.batch_size=4", "--train.max_steps=3", "--seed=2"))
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert_one_line_error(second, f"PID {first.pid}")
-    assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
     assert 'seed = 1' in (output / "final" / "training_config.toml").read_text()
     steps = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and max(steps) == 600  # the first run's lines only
+    assert steps == sorted(steps) and max(steps) == 20  # the first run's lines only
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over(workspace, tmp_path):  # noqa: F811
