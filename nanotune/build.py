@@ -170,6 +170,8 @@ def configure_trainable(model: Llama, config: RunConfig) -> tuple[int, int]:
                 model, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
                 targets="all-linear" if targets == ["all-linear"] else targets,
                 modules_to_save=config.lora.modules_to_save,
+                # Written into adapter_config.json, so PEFT finds the base offline; none from scratch.
+                base_model_name_or_path=str(Path(config.model.path).resolve()) if config.model.path else None,
             )
         except ValueError as error:  # an unknown target or module name: a config mistake
             raise ConfigError(f"[lora]: {error}") from None
