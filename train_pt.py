@@ -19,6 +19,7 @@ from nanotune.cli import run_main, setup_logging
 from nanotune.config import PretrainDataConfig
 from nanotune.data.collate import collate_blocks
 from nanotune.data.pretrain import build_pretrain_datasets
+from nanotune.preflight import check_seq_len_fits_model
 from nanotune.train import train
 
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None):
     setup_logging()
     config, run, tokenizer, model = start_run(argv, PretrainDataConfig)
     data = config.data
+    check_seq_len_fits_model(data.seq_len, model.config)  # before any tokenising
 
     def build_datasets():
         return build_pretrain_datasets(

@@ -20,6 +20,7 @@ from nanotune.data.collate import PaddingCollator, collate_blocks
 from nanotune.data.sft import PackedSFTDataset, SFTDataset, build_sft_dataset
 from nanotune.data.template_check import resolve_template, saved_chat_template
 from nanotune.data.templates import generation_stop_ids
+from nanotune.preflight import sft_max_length
 from nanotune.train import train
 
 
@@ -31,10 +32,12 @@ def main(argv: list[str] | None = None):
     template = resolve_template(data.template, tokenizer, check=data.template_check)
     # Generation stops at the end-of-turn token the replies are trained to end with (and EOS).
     model.config.eos_token_id = generation_stop_ids(template, tokenizer)
+    # No conversation longer than the positions the model has learnt (one warning line when capped).
+    max_length = sft_max_length(data.max_length, model.config, data.truncation)
 
     def encode(files):
         return build_sft_dataset(
-            files, tokenizer, template, max_length=data.max_length, truncation=data.truncation,
+            files, tokenizer, template, max_length=max_length, truncation=data.truncation,
             train_on_prompt=data.train_on_prompt, format=data.format, skip_invalid=data.skip_invalid,
             reasoning_turns=data.reasoning_turns,
         )

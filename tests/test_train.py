@@ -290,3 +290,43 @@ def test_lora_training_changes_only_adapters_loss_falls_and_resume_is_exact(work
     assert after < before - 0.05, (before, after)
     assert torch.equal(adapted.model.layers[0].self_attn.q_proj.lora_B.weight,
                        trained["model.layers.0.self_attn.q_proj.lora_B.weight"])
+
+
+@pytest.mark.parametrize("truncation", ["truncate", "drop"])
+def test_sft_sequences_are_limited_to_the_model_positions_with_one_warning(workspace, tmp_path, caplog, truncation):
+    captured = {}
+    original_train = train_sft.train
+
+    def capture(config, run, model, tokenizer, train_data, *args, **kwargs):
+        captured["data"] = train_data
+        return original_train(config, run, model, tokenizer, train_data, *args, **kwargs)
+
+    train_sft.train = capture
+    try:
+        with caplog.at_level("INFO", logger="nanotune"):
+            train_sft.main(sft_args(workspace, tmp_path / truncation, "--model.max_position_embeddings=40", "--data.template=llama2",
+                                    "--data.max_length=64", f"--data.truncation={truncation}",
+                                    "--train.batch_size=2", "--train.max_steps=1"))
+    finally:
+        train_sft.train = original_train
+    data = captured["data"]
+    assert max(data.lengths) <= 40
+    warnings = [r.getMessage() for r in caplog.records if "max_position_embeddings" in r.getMessage()]
+    assert len(warnings) == 1 and "data.max_length 64 is more than the model's max_position_embeddings 40" in warnings[0]
+    assert "rope scaling is the way to go longer" in warnings[0]
+    counted = "truncated" if truncation == "truncate" else "dropped"
+    assert data.stats[counted] > 0
+    assert any("dropped as longer than 40 tokens" in r.getMessage() for r in caplog.records)  # the data log line
+
+
+def test_pretraining_blocks_longer_than_the_model_positions_are_refused_before_tokenising(workspace, tmp_path):
+    from nanotune.config import ConfigError
+
+    args = pt_args(workspace, tmp_path / "out", "--model.max_position_embeddings=16", "--train.max_steps=1",
+                   f"--data.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(ConfigError) as error:
+        train_pt.main(args)
+    message = str(error.value)
+    assert "\n" not in message and "data.seq_len 32 is more than the model's max_position_embeddings 16" in message
+    assert "rope scaling is the way to go longer" in message
+    assert not (tmp_path / "cache").exists()  # nothing was tokenised
