@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import corpus_lines, train_sentencepiece
@@ -330,3 +331,42 @@ def test_pretraining_blocks_longer_than_the_model_positions_are_refused_before_t
     assert "\n" not in message and "data.seq_len 32 is more than the model's max_position_embeddings 16" in message
     assert "rope scaling is the way to go longer" in message
     assert not (tmp_path / "cache").exists()  # nothing was tokenised
+
+
+def test_sft_with_two_weighted_files_draws_each_by_its_weight_end_to_end(workspace, tmp_path):
+    from nanotune.config import load_config
+    from nanotune.data.sampler import MixedDataset
+
+    conversations = workspace["chat"].read_text(encoding="utf-8").splitlines()
+    (tmp_path / "big.jsonl").write_text("\n".join(conversations[:30]) + "\n", encoding="utf-8")
+    (tmp_path / "small.jsonl").write_text("\n".join(conversations[30:]) + "\n", encoding="utf-8")
+    fetched = []
+
+    class Recording(MixedDataset):  # the indices the loop reads, in order
+        def __getitem__(self, index):
+            fetched.append(index)
+            return super().__getitem__(index)
+
+    original_train = train_sft.train
+
+    def capture(config, run, model, tokenizer, train_data, *args, **kwargs):
+        assert isinstance(train_data, MixedDataset) and len(train_data) == 40
+        recording = Recording(train_data.parts, train_data.weights, train_data.names)
+        return original_train(config, run, model, tokenizer, recording, *args, **kwargs)
+
+    files = f'[{{path = "{tmp_path / "big.jsonl"}", weight = 1}}, {{path = "{tmp_path / "small.jsonl"}", weight = 3}}]'
+    train_sft.train = capture
+    try:
+        result = train_sft.main(sft_args(workspace, tmp_path / "out", f"--data.train_files={files}",
+                                         "--data.template=llama2", "--data.max_length=256", "--train.batch_size=4",
+                                         "--train.max_steps=20"))
+    finally:
+        train_sft.train = original_train
+    assert result.steps == 20 and len(fetched) == 80  # two epochs of 40 samples
+    from_small = [i for i in fetched if i >= 30]
+    assert len(from_small) == 60  # 3/4 of each epoch from the 10 small-file conversations
+    assert sorted(np.bincount(from_small, minlength=40)[30:].tolist()) == [6] * 10  # each 3 times an epoch
+    assert len(set(i for i in fetched if i < 30)) == 20  # 10 an epoch from the big file, no repeat yet
+    saved = load_config(["--config", str(tmp_path / "out" / "final" / "training_config.toml")],
+                        data_class=train_sft.SFTDataConfig)
+    assert [f.weight for f in saved.data.train_files] == [1.0, 3.0]

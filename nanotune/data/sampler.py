@@ -218,3 +218,32 @@ class GlobalBatchSampler:
                 f"sampler state epoch {epoch}, step_in_epoch {step} does not fit {self.steps_per_epoch} steps per epoch"
             )
         self.epoch, self.step_in_epoch = epoch, step
+
+
+class MixedDataset:
+    """The data sets of weighted sources laid end to end, for `GlobalBatchSampler`'s mixing.
+
+    `dataset[i]` is sample i of the concatenation; `sources[i]` its source (0..K-1, the order of
+    `parts`), `weights` and `names` the sources' (the training loop hands `sources` and `weights`
+    to the sampler). `lengths` concatenates the parts' lengths where every part has them.
+    """
+
+    def __init__(self, parts: Sequence, weights: Sequence[float], names: Sequence[str]):
+        if not len(parts) == len(weights) == len(names):
+            raise ValueError(f"{len(parts)} parts, {len(weights)} weights and {len(names)} names: one of each per source")
+        self.parts, self.weights, self.names = list(parts), [float(w) for w in weights], [str(n) for n in names]
+        sizes = [len(part) for part in self.parts]
+        self.starts = np.cumsum([0] + sizes)  # (K + 1,) index of each part's first sample, then the total
+        self.sources = np.repeat(np.arange(len(sizes)), sizes)  # (N,)
+        has_lengths = all(getattr(part, "lengths", None) is not None for part in self.parts)
+        self.lengths = [n for part in self.parts for n in part.lengths] if has_lengths else None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples")
+        k = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[k][index - int(self.starts[k])]
+
