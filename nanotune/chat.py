@@ -205,7 +205,8 @@ def base_model_folder(model: str | None, adapter: str | None) -> Path:
     if model is not None:
         return Path(model)
     if adapter is None:
-        raise ConfigError("give --model DIR (a model folder), or --adapter DIR whose adapter_config.json names its base")
+        raise ConfigError("give --model DIR (a model folder), or --adapter DIR whose adapter_config.json "
+                          "names its base")
     from .lora import read_adapter_config
 
     base = read_adapter_config(adapter).base_model_name_or_path

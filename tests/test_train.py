@@ -305,7 +305,8 @@ def test_sft_sequences_are_limited_to_the_model_positions_with_one_warning(works
     train_sft.train = capture
     try:
         with caplog.at_level("INFO", logger="nanotune"):
-            train_sft.main(sft_args(workspace, tmp_path / truncation, "--model.max_position_embeddings=40", "--data.template=llama2",
+            train_sft.main(sft_args(workspace, tmp_path / truncation, "--model.max_position_embeddings=40",
+                                    "--data.template=llama2",
                                     "--data.max_length=64", f"--data.truncation={truncation}",
                                     "--train.batch_size=2", "--train.max_steps=1"))
     finally:
@@ -313,7 +314,8 @@ def test_sft_sequences_are_limited_to_the_model_positions_with_one_warning(works
     data = captured["data"]
     assert max(data.lengths) <= 40
     warnings = [r.getMessage() for r in caplog.records if "max_position_embeddings" in r.getMessage()]
-    assert len(warnings) == 1 and "data.max_length 64 is more than the model's max_position_embeddings 40" in warnings[0]
+    assert len(warnings) == 1
+    assert "data.max_length 64 is more than the model's max_position_embeddings 40" in warnings[0]
     assert "rope scaling is the way to go longer" in warnings[0]
     counted = "truncated" if truncation == "truncate" else "dropped"
     assert data.stats[counted] > 0

@@ -239,7 +239,8 @@ def build_pretrain_datasets(
         weights, names = [source.weight for source in sources], [source.path for source in sources]
         train = MixedDataset([train for train, _ in parts], weights, names)
         if valid_files:
-            return train, build_pretrain_datasets(tokenizer, train_files=valid_files, **{**options, "valid_fraction": 0.0})[0]
+            valid_options = {**options, "valid_fraction": 0.0}
+            return train, build_pretrain_datasets(tokenizer, train_files=valid_files, **valid_options)[0]
         return train, (MixedDataset([valid for _, valid in parts], weights, names) if valid_fraction > 0 else None)
 
     def blocks(cache, documents=None):

@@ -29,8 +29,9 @@ sources by weight, not in proportion to their sizes:
     epoch e      stream_k[e*quota_k : (e+1)*quota_k] of every source, shuffled together (seed, e)
 
 so the mix holds exactly (to the rounding) in every epoch, and on average in each global batch (a
-batch is a random draw from its epoch's samples, so its own counts vary around the weights); epoch e needs nothing but (seed, e), and resuming, the world size and `group_by_length` work as
-without mixing. The state is the same (epoch, step_in_epoch).
+batch is a random draw from its epoch's samples, so its own counts vary around the weights). Epoch
+e needs nothing but (seed, e), so resuming, any world size and `group_by_length` work as without
+mixing, and the state is the same (epoch, step_in_epoch).
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ class GlobalBatchSampler:
     def _mixed_epoch(self, epoch: int, rng: np.random.Generator) -> np.ndarray:
         """Every source's quota for `epoch`, from where its stream stands, shuffled together;
         without shuffling, interleaved evenly (source k's j-th sample at time (j + 1/2) / quota_k)."""
-        parts = [self._source_stream(k, epoch * int(q), (epoch + 1) * int(q)) for k, q in enumerate(self.samples_per_epoch)]
+        quotas = [int(q) for q in self.samples_per_epoch]
+        parts = [self._source_stream(k, epoch * q, (epoch + 1) * q) for k, q in enumerate(quotas)]
         order = np.concatenate(parts)
         if self.shuffle:
             return order[rng.permutation(len(order))]
@@ -230,7 +232,8 @@ class MixedDataset:
 
     def __init__(self, parts: Sequence, weights: Sequence[float], names: Sequence[str]):
         if not len(parts) == len(weights) == len(names):
-            raise ValueError(f"{len(parts)} parts, {len(weights)} weights and {len(names)} names: one of each per source")
+            raise ValueError(f"{len(parts)} parts, {len(weights)} weights and {len(names)} names: "
+                             "one of each per source")
         self.parts, self.weights, self.names = list(parts), [float(w) for w in weights], [str(n) for n in names]
         sizes = [len(part) for part in self.parts]
         self.starts = np.cumsum([0] + sizes)  # (K + 1,) index of each part's first sample, then the total
