@@ -17,11 +17,11 @@ from torch import nn
 
 from .checkpoint import load_pretrained, parse_dtype, read_config
 from . import distributed
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, PretrainDataConfig, RunConfig, load_config
 from .distributed import Run
 from .model import Llama, LlamaConfig, resolve_packed_attention
 from .tokenizer import Tokenizer, TokenizerError
-from .preflight import check_data_files, check_tokenizer_fits_model
+from .preflight import check_data_files, check_seq_len_fits_model, check_tokenizer_fits_model
 from .run_lock import lock_output_dir
 from .train_state import check_output_dir, find_resume_checkpoint, run_layout, seed_everything
 from .vocab import resize_token_embeddings
@@ -49,6 +49,9 @@ def start_run(argv: list[str] | None, data_class: type) -> tuple[RunConfig, Run,
             named = config.checkpoint.resume if isinstance(config.checkpoint.resume, str) else None
             find_resume_checkpoint(output_dir, run_layout(config, run.world_size), named=named)
     seed_everything(config.seed, rank=0)  # the same initial weights (and LoRA init) on every run
+    if isinstance(config.data, PretrainDataConfig):  # blocks must fit the positions the model learnt
+        check_seq_len_fits_model(config.data.seq_len, read_config(config.model.path) if config.model.path
+                                 else LlamaConfig(max_position_embeddings=config.model.max_position_embeddings))
     tokenizer = load_tokenizer(config)
     if config.model.path and config.tokenizer.path:
         check_tokenizer_fits_model(tokenizer, config.model.path)  # ids must mean what the embeddings learnt
@@ -171,6 +174,8 @@ def configure_trainable(model: Llama, config: RunConfig) -> tuple[int, int]:
                 model, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
                 targets="all-linear" if targets == ["all-linear"] else targets,
                 modules_to_save=config.lora.modules_to_save,
+                # Written into adapter_config.json, so PEFT finds the base offline; none from scratch.
+                base_model_name_or_path=str(Path(config.model.path).resolve()) if config.model.path else None,
             )
         except ValueError as error:  # an unknown target or module name: a config mistake
             raise ConfigError(f"[lora]: {error}") from None

@@ -112,6 +112,7 @@ def check_model_folder(path: str | os.PathLike) -> None:
     path = Path(path)
     if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
         raise CheckpointError(
-            f"{path}: a LoRA adapter folder (adapter_config.json), not a model; merge it into its base first "
+            f"{path}: a LoRA adapter folder (adapter_config.json), not a model; give it as --adapter {path} "
+            f"(with --model BASE), or merge it into its base first "
             f"(python merge.py lora --base BASE --adapter {path} --out MERGED) and give MERGED"
         )

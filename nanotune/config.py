@@ -73,10 +73,34 @@ class TokenizerConfig:
 
 
 @dataclass
+class DataFile:
+    """A weighted entry of `data.train_files`: `{path = "a.jsonl", weight = 0.7}` in TOML.
+
+    `path` is a file or a glob (its files are one source); weights are relative (they need not sum
+    to 1): every epoch draws each source's share of the samples by its weight (data/sampler.py).
+    Plain strings mean no mixing: all files are one pool, as before. A `DataFile` prints as its
+    path, so every message that names the training files names the paths.
+    """
+
+    path: str
+    weight: float = 1.0
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def weighted_sources(train_files: list) -> list[DataFile] | None:
+    """The `data.train_files` entries as weighted sources, or None when none carries a weight."""
+    if not any(isinstance(entry, DataFile) for entry in train_files):
+        return None
+    return list(train_files)
+
+
+@dataclass
 class PretrainDataConfig:
     """Plain-text corpora, tokenised once into a cache and packed into blocks of seq_len tokens."""
 
-    train_files: list[str] = field(default_factory=list)  # .txt / .jsonl / .json files or globs
+    train_files: list[str | DataFile] = field(default_factory=list)  # .txt/.jsonl/.json paths or globs; or {path, weight} sources
     valid_files: list[str] = field(default_factory=list)  # held-out files; empty = valid_fraction of train_files
     valid_fraction: float = 0.0  # hold out this fraction of documents when valid_files is empty
     seq_len: int = 512  # tokens per packed block
@@ -92,7 +116,7 @@ class PretrainDataConfig:
 class SFTDataConfig:
     """Conversations (any supported format), rendered with a chat template and masked to the replies."""
 
-    train_files: list[str] = field(default_factory=list)  # .jsonl / .json conversation files or globs
+    train_files: list[str | DataFile] = field(default_factory=list)  # .jsonl/.json paths or globs; or {path, weight} sources
     valid_files: list[str] = field(default_factory=list)  # held-out files; empty = valid_fraction of the samples
     valid_fraction: float = 0.0  # hold out this fraction of the conversations when valid_files is empty
     format: str = "auto"  # messages | sharegpt | alpaca | panda | tcm_qg | auto
@@ -413,12 +437,19 @@ def _coerce(value, expected, where: str, raw: str | None):
     """Check `value` against the annotation; accept int for float and a bare string for a list."""
     origin = typing.get_origin(expected)
     if origin in (typing.Union, types.UnionType):
+        tables = [option for option in typing.get_args(expected) if dataclasses.is_dataclass(option)]
+        if isinstance(value, dict) and tables:  # a table: its own errors name what is wrong in it
+            return _coerce_table(value, tables[0], where)
         for option in typing.get_args(expected):
             try:
                 return _coerce(value, option, where, raw)
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: {value!r} does not fit {expected}")
+    if dataclasses.is_dataclass(expected):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table such as {{path = \"a.jsonl\", weight = 0.7}}, got {value!r}")
+        return _coerce_table(value, expected, where)
     if origin is list:
         (item_type,) = typing.get_args(expected)
         if isinstance(value, str):
@@ -433,6 +464,23 @@ def _coerce(value, expected, where: str, raw: str | None):
     if expected in (bool, int, float, str) and not (type(value) is expected):
         raise ConfigError(f"{where}: expected {expected.__name__}, got {value!r}")
     return value
+
+
+def _coerce_table(value: dict, expected: type, where: str):
+    """A TOML table as the dataclass `expected` (a `DataFile`): known keys, required ones, types."""
+    known = {f.name: f for f in dataclasses.fields(expected)}
+    hints = typing.get_type_hints(expected)
+    shown = "{" + ", ".join(f"{k} = {v!r}" for k, v in value.items()) + "}"
+    for key in value:
+        if key not in known:
+            raise ConfigError(f"{where}: entry {shown}: unknown key {key!r} (expected {', '.join(known)})")
+    required = [name for name, f in known.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for key in required:
+        if key not in value:
+            raise ConfigError(f"{where}: entry {shown}: missing key {key!r}")
+    return expected(**{key: _coerce(item, hints[key], f"{where}: entry {shown}: {key}", None)
+                       for key, item in value.items()})
 
 
 def validate(config: RunConfig) -> None:
@@ -465,6 +513,13 @@ def validate(config: RunConfig) -> None:
     _validate_checkpoint_and_lora(config, check)
     data = config.data
     check(0.0 <= data.valid_fraction < 1.0, "data.valid_fraction must be in [0, 1)")
+    if weighted_sources(data.train_files) is not None:
+        plain = [entry for entry in data.train_files if not isinstance(entry, DataFile)]
+        check(not plain, f"data.train_files: {', '.join(plain)} has no weight while other entries have one; give "
+                         "every entry a weight ({path = \"a.jsonl\", weight = 0.7}) or none (plain paths are one pool)")
+        for entry in data.train_files:
+            check(math.isfinite(entry.weight) and entry.weight > 0,
+                  f"data.train_files: {entry.path}: weight must be a number > 0, not {entry.weight}")
     if isinstance(data, SFTDataConfig):
         from .data.formats import READERS
         from .data.templates import TEMPLATES
@@ -612,6 +667,9 @@ def _toml_value(value) -> str:
         return f'"{escaped}"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if dataclasses.is_dataclass(value):  # an inline table: {path = "a.jsonl", weight = 0.7}
+        items = (f"{f.name} = {_toml_value(getattr(value, f.name))}" for f in dataclasses.fields(value))
+        return "{" + ", ".join(items) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

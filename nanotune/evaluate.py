@@ -1,7 +1,11 @@
 """How good is a model on held-out conversations: loss and perplexity, and for generation tasks
 BLEU-4 and ROUGE-L of what it writes.
 
-    python -m nanotune.evaluate --model DIR --data dev.jsonl --template llama2 [--generate]
+    python -m nanotune.evaluate --model DIR [--adapter LORA] --data dev.jsonl [--template NAME] [--generate]
+
+The template and the stop tokens default to the ones the model was trained with, read from its
+folder as chat does (chat.py, "Loading a model to talk to"); `--adapter` evaluates a LoRA adapter
+on its base model without merging it.
 
 Loss: every conversation is encoded exactly as for training (`sft.encode_conversation`: the same
 template, the same -100 masking), so the figure is the training loss on unseen data, per target
@@ -34,12 +38,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .chat import clean_reply
-from .cli import at_least, check_model_folder, resolve_device, run_main
+from .chat import add_model_arguments, clean_reply, load_for_inference
+from .cli import at_least, resolve_device, run_main
 from .data.collate import PaddingCollator
 from .data.records import DataError
 from .data.sft import encode_conversation, encode_prompt
-from .data.templates import TEMPLATES, Template, get_template
+from .data.templates import Template, get_template
 from .files import write_lines_atomically
 from .generate import generate_batch
 from .loss import IGNORE_INDEX
@@ -59,16 +63,18 @@ def evaluate_model(
     predictions_path: str | os.PathLike | None = None,
     metric_tokenize: str = "char",
     progress: bool = True,
+    stop_ids: list[int] | None = None,
 ) -> dict:
     """{"loss", "perplexity", "n_conversations", "n_target_tokens", "n_skipped"}, and with
     `generate` also {"bleu4", "rougeL", "n_predictions"}; predictions are written to
-    `predictions_path` when given. The model's training mode is restored afterwards."""
+    `predictions_path` when given. `stop_ids`: where a generated reply ends (default: the
+    template's EOS and stop pieces). The model's training mode is restored afterwards."""
     template = get_template(template)
     result = conversation_loss(model, tokenizer, conversations, template, batch_size=batch_size,
                                max_length=max_length, progress=progress)
     if generate:
         predictions = generate_predictions(model, tokenizer, conversations, template, batch_size=batch_size,
-                                           max_new_tokens=max_new_tokens, progress=progress)
+                                           max_new_tokens=max_new_tokens, progress=progress, stop_ids=stop_ids)
         if predictions_path is not None:
             write_jsonl(predictions_path, predictions)
         result.update(score_predictions(predictions, tokenize=metric_tokenize))
@@ -119,7 +125,7 @@ def split_prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
 
 def generate_predictions(
     model, tokenizer, conversations, template, batch_size: int = 8, max_new_tokens: int = 64, progress: bool = True,
-    **sampling,
+    stop_ids: list[int] | None = None, **sampling,
 ) -> list[dict]:
     """{"prompt", "reference", "prediction"} for every conversation, in the conversations' order.
 
@@ -132,7 +138,7 @@ def generate_predictions(
         prompts.append(template.render(prompt_messages, add_generation_prompt=True))
         references.append(reference)
         prompt_ids.append(encode_prompt(prompt_messages, tokenizer, template))
-    stop_ids = template.stop_token_ids(tokenizer)
+    stop_ids = stop_ids if stop_ids is not None else template.stop_token_ids(tokenizer)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     predictions: list[str] = [""] * len(prompt_ids)
     batches = range(0, len(order), batch_size)
@@ -164,10 +170,8 @@ def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanotune.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="HF-format model folder (config.json, weights, tokenizer)")
+    add_model_arguments(parser)
     parser.add_argument("--data", required=True, nargs="+", help="conversation files (any format of data/formats.py)")
-    parser.add_argument("--template", required=True, choices=sorted(TEMPLATES),
-                        help="chat template the model was trained with")
     parser.add_argument("--format", default="auto", help="data format (default: detected from the first record)")
     parser.add_argument("--batch-size", type=at_least(1), default=8)
     parser.add_argument("--max-length", type=at_least(1), default=None,
@@ -182,33 +186,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = parser.parse_args(argv)
 
-    from .checkpoint import load_pretrained, read_config
     from .data.formats import READERS, read_conversations
-    from .tokenizer import Tokenizer
 
     if args.format != "auto" and args.format not in READERS:
         parser.error(f"--format {args.format}: expected auto or one of {', '.join(READERS)}")
+    if args.model is None and args.adapter is None:
+        parser.error("the following arguments are required: --model (or --adapter, whose config names the base)")
     # Every check that needs no weights comes first, so a mistake costs no model load.
     device = resolve_device(parser, args.device)
     if args.predictions and Path(args.predictions).is_dir():
         parser.error(f"--predictions {args.predictions}: is a directory; give the .jsonl file to write")
-    check_model_folder(args.model)
-    read_config(args.model)
-    tokenizer = Tokenizer.from_file(args.model)
     conversations = read_conversations(args.data, format=args.format)
     if not conversations:
         raise DataError(f"{', '.join(args.data)}: no conversations to evaluate")
     if args.limit is not None:
         conversations = conversations[: args.limit]
-    model = load_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
+    loaded = load_for_inference(args, device, getattr(torch, args.dtype) if args.dtype else None)
     result = evaluate_model(
-        model, tokenizer, conversations, args.template, batch_size=args.batch_size, max_length=args.max_length,
-        generate=args.generate or args.predictions is not None, max_new_tokens=args.max_new_tokens,
-        predictions_path=args.predictions, metric_tokenize=args.tokenize,
+        loaded.model, loaded.tokenizer, conversations, loaded.template, batch_size=args.batch_size,
+        max_length=args.max_length, generate=args.generate or args.predictions is not None,
+        max_new_tokens=args.max_new_tokens, predictions_path=args.predictions, metric_tokenize=args.tokenize,
+        stop_ids=loaded.stop_ids,
     )
+    result["template"] = loaded.template.name
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return
+    print(f"template       {result['template']}")
     print(f"conversations  {result['n_conversations']} ({result['n_skipped']} skipped)")
     print(f"target tokens  {result['n_target_tokens']}")
     print(f"loss           {result['loss']:.4f}")

@@ -226,6 +226,7 @@ def apply_lora(
     targets: list[str] | tuple[str, ...] | str = ("q_proj", "v_proj"),
     modules_to_save: list[str] | tuple[str, ...] = (),
     use_rslora: bool = False,
+    base_model_name_or_path: str | None = None,
 ) -> nn.Module:
     """Replace the targeted linear layers of `model.model.layers` by `LoRALinear`, in place.
 
@@ -234,7 +235,10 @@ def apply_lora(
     targets: names ("q_proj", "v_proj", "self_attn.o_proj"...), `"all-linear"` (every linear of
     the blocks), or a regular expression string over the whole module path (as PEFT reads one).
     `lm_head` cannot carry LoRA: the fused loss multiplies by `lm_head.weight` directly.
-    Call it before `fully_shard` and before building the optimizer. Returns `model`.
+    The new layers take the model's current mode (train or eval), so dropout on the update acts
+    only where the model's own dropout would. `base_model_name_or_path` is recorded for
+    `save_adapter` (the folder PEFT loads the base from). Call it before `fully_shard` and before
+    building the optimizer. Returns `model`.
     """
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("LoRA is already applied to this model (model.lora_config is set)")
@@ -284,7 +288,7 @@ def apply_lora(
     config = AdapterConfig(
         r=r, alpha=alpha, dropout=dropout,
         targets=sorted({name.rsplit(".", 1)[-1] for name in chosen}) if targets == ALL_LINEAR else targets,
-        modules_to_save=list(modules_to_save), use_rslora=use_rslora,
+        modules_to_save=list(modules_to_save), use_rslora=use_rslora, base_model_name_or_path=base_model_name_or_path,
     )
     for name in chosen:
         parent_name, child_name = name.rsplit(".", 1)
@@ -411,6 +415,11 @@ def save_adapter(
 ) -> None:
     """Write `adapter_config.json` + `adapter_model.safetensors` into the folder `path`, as PEFT does.
 
+    `base_model_name_or_path` in the config is where PEFT's `AutoPeftModelForCausalLM` loads the
+    base from. By default it is the one recorded on the model: the absolute path of `model.path`
+    for a run (`build.configure_trainable`), the adapter file's own after `load_adapter`. A model
+    trained from scratch has no folder to name, so it is written as null and the base must then
+    be given to PEFT explicitly (`PeftModel.from_pretrained(base_model, folder)`).
     Tensor names are PEFT's (`base_model.model.` + nanotune's name). A trained tied embedding is
     written under both of its names, as PEFT writes it. Under FSDP every rank must call this
     (gathering a sharded tensor is a collective) and only the main rank of `run` (a
@@ -444,7 +453,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a PEFT-format adapter folder into `model`, applying LoRA first if it is not applied yet.
 
     Every tensor of the file must find its parameter and every adapter parameter must be in the
-    file; otherwise one error lists the missing, unexpected and mis-shaped tensors. Call it before
+    file; otherwise one error lists the missing, unexpected and mis-shaped tensors. The adapter is
+    not merged: the base weights stay as they are, and the new layers take the model's current
+    mode (an eval-mode model gives the same logits on every forward). Call it before
     `fully_shard`. Returns `model`.
     """
     path = Path(path)
@@ -452,8 +463,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     applied = getattr(model, "lora_config", None)
     if applied is None:
         apply_lora(model, config.r, config.alpha, config.dropout, config.targets, config.modules_to_save,
-                   config.use_rslora)
-        model.lora_config.base_model_name_or_path = config.base_model_name_or_path
+                   config.use_rslora, base_model_name_or_path=config.base_model_name_or_path)
     elif (applied.r, applied.scale) != (config.r, config.scale):
         raise ValueError(
             f"{path / ADAPTER_CONFIG}: r={config.r}, scale={config.scale:g} but the model's LoRA has "

@@ -11,16 +11,21 @@ line naming the file or key and what to change:
   model's ids (the vocabulary-growth case); any other tokenizer would train every id on the
   wrong embedding row;
 * `check_enough_samples(n_samples, config, world_size, files)`: the data set fills at least
-  one global batch (called once the data is tokenised and its size known).
+  one global batch (called once the data is tokenised and its size known);
+* `check_seq_len_fits_model(seq_len, model_config)` (pretraining) and `sft_max_length(...)`: no
+  sequence longer than the positions the model has learnt (`longest_sequence`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, SFTDataConfig
 from .data.records import DataError, expand_files
+
+log = logging.getLogger("nanotune")
 
 PRETRAIN_SUFFIXES = (".txt", ".jsonl", ".json")
 SFT_SUFFIXES = (".jsonl", ".json")
@@ -106,3 +111,47 @@ def check_tokenizer_fits_model(tokenizer, model_path: str | os.PathLike) -> None
         "a tokenizer may only extend the model's (the same pieces, new ones appended): "
         "leave tokenizer.path empty to use the model's own"
     )
+
+
+def longest_sequence(model_config) -> int:
+    """The most positions the model can take: `max_position_embeddings`, times the `factor` of a
+    linear or dynamic `rope_scaling` (for llama3-type scaling, `max_position_embeddings` is already
+    the extended length, as Llama 3.1's config.json states it)."""
+    scaling = model_config.rope_scaling or {}
+    factor = scaling.get("factor", 1.0) if scaling.get("rope_type") in ("linear", "dynamic") else 1.0
+    return int(model_config.max_position_embeddings * factor)
+
+
+def _position_limit_text(model_config) -> str:
+    limit, n_positions = longest_sequence(model_config), model_config.max_position_embeddings
+    if limit == n_positions:
+        return f"the model's max_position_embeddings {n_positions}"
+    return f"the model's {limit} positions (max_position_embeddings {n_positions} x its rope_scaling factor)"
+
+
+ROPE_SCALING_HINT = ("rope scaling is the way to go longer (rope_scaling in the model's config.json, "
+                     "e.g. {\"rope_type\": \"linear\", \"factor\": 2.0}, then train on the longer sequences)")
+
+
+def check_seq_len_fits_model(seq_len: int, model_config) -> None:
+    """Pretraining blocks of `data.seq_len` tokens must fit the positions the model has learnt:
+    a position past them gets rotary angles the model never saw, and the loss there is noise."""
+    if seq_len > longest_sequence(model_config):
+        raise ConfigError(f"data.seq_len {seq_len} is more than {_position_limit_text(model_config)}: lower "
+                          f"data.seq_len, or extend the context: {ROPE_SCALING_HINT}")
+
+
+def sft_max_length(max_length: int, model_config, truncation: str) -> int:
+    """min(data.max_length, the model's positions), saying so in one line when that limits it.
+
+    Conversations longer than the result are then handled by `data.truncation` (dropped or cut)
+    and counted in the data set's log line, as any conversation over `data.max_length` is.
+    """
+    limit = longest_sequence(model_config)
+    if max_length <= limit:
+        return max_length
+    handled = "dropped" if truncation == "drop" else f"cut ({truncation})"
+    log.warning("data.max_length %d is more than %s: conversations are limited to %d tokens, longer ones %s "
+                "by data.truncation; %s", max_length, _position_limit_text(model_config), limit, handled,
+                ROPE_SCALING_HINT)
+    return limit

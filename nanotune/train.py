@@ -100,6 +100,8 @@ def train(
         seed=config.seed,
         lengths=lengths,
         group_by_length=lengths is not None,
+        # Weighted data.train_files (a data.sampler.MixedDataset): each epoch drawn by the weights.
+        sources=getattr(train_data, "sources", None), weights=getattr(train_data, "weights", None),
     )
     total_steps = config.train.max_steps or max(1, int(config.train.epochs * sampler.steps_per_epoch))
     lr_for_step = schedule_from_config(config.optim, total_steps)

@@ -72,3 +72,25 @@ def test_unknown_template_or_format_fails_at_start_up():
         load_config(["--data.template=llama4"], data_class=SFTDataConfig)
     with pytest.raises(ConfigError, match="data.format 'csv' is not auto or one of messages"):
         load_config(["--data.format=csv"], data_class=SFTDataConfig)
+
+
+def test_weighted_train_files_read_from_toml_round_trip_and_bad_entries_name_the_key(tmp_path):
+    from nanotune.config import DataFile, to_toml
+
+    path = _write(tmp_path, '[data]\ntrain_files = [{path = "a.jsonl", weight = 0.7}, {path = "b*.jsonl", weight = 3}]\n')
+    config = load_config(["--config", path], data_class=SFTDataConfig)
+    assert config.data.train_files == [DataFile("a.jsonl", 0.7), DataFile("b*.jsonl", 3.0)]
+    again = _write(tmp_path, to_toml(config))
+    assert load_config(["--config", again], data_class=SFTDataConfig).data.train_files == config.data.train_files
+    assert load_config(["--data.train_files=a.jsonl"]).data.train_files == ["a.jsonl"]  # plain strings as before
+    bad = {
+        '[{path = "a.jsonl", wieght = 0.7}]': "data.train_files: entry {path = 'a.jsonl', wieght = 0.7}: unknown key 'wieght'",
+        '[{weight = 0.7}]': "missing key 'path'",
+        '[{path = "a.jsonl", weight = "x"}]': "weight: expected float",
+        '[{path = "a.jsonl", weight = 0}]': "data.train_files: a.jsonl: weight must be a number > 0",
+        '["a.jsonl", {path = "b.jsonl", weight = 1}]': "data.train_files: a.jsonl has no weight while other entries",
+    }
+    for value, message in bad.items():
+        with pytest.raises(ConfigError) as error:
+            load_config([f"--data.train_files={value}"], data_class=SFTDataConfig)
+        assert message in str(error.value) and "\n" not in str(error.value), str(error.value)

@@ -312,3 +312,33 @@ def test_lora_applied_to_an_eval_model_drops_nothing_out():
     with torch.no_grad():
         assert torch.equal(model(input_ids()), model(input_ids()))
     assert not any(m.training for m in model.modules())
+
+
+def test_load_adapter_into_an_eval_model_leaves_dropout_off_so_two_forwards_agree(tmp_path):
+    trained = apply_lora(tiny_model(), r=4, alpha=8, dropout=0.5, targets="all-linear")
+    make_adapter_non_trivial(trained)
+    save_adapter(trained, tmp_path / "adapter")
+    ids = input_ids()
+    model = load_adapter(tiny_model().eval(), tmp_path / "adapter")
+    with torch.no_grad():
+        first, second = model(ids), model(ids)
+        merged = merged_copy(model)(ids)
+    assert torch.equal(first, second)  # the LoRA dropout (p = 0.5) would make them differ
+    assert (first - merged).abs().max() <= TOLERANCE
+    lora_layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert lora_layers and not any(m.training for m in model.modules())
+    # A model in training mode gets LoRA layers in training mode (dropout on), as apply_lora gives.
+    training = load_adapter(tiny_model().train(), tmp_path / "adapter")
+    assert all(m.training for m in training.modules() if isinstance(m, LoRALinear))
+
+
+def test_save_adapter_writes_the_recorded_base_path_and_none_for_a_model_from_scratch(tmp_path):
+    scratch = apply_lora(tiny_model(), r=2, alpha=4)
+    save_adapter(scratch, tmp_path / "scratch")
+    assert json.loads((tmp_path / "scratch" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] is None
+    recorded = apply_lora(tiny_model(), r=2, alpha=4, base_model_name_or_path="/models/base")
+    save_adapter(recorded, tmp_path / "recorded")
+    assert json.loads((tmp_path / "recorded" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == "/models/base"
+    reloaded = load_adapter(tiny_model(), tmp_path / "recorded")  # the adapter's own base travels on
+    save_adapter(reloaded, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == "/models/base"

@@ -336,3 +336,23 @@ def test_build_pretrain_datasets_with_valid_files_or_a_held_out_fraction(tmp_pat
     assert build_pretrain_datasets(tokenizer, train_files=tmp_path / "train.jsonl", **common)[1] is None
     with pytest.raises(ValueError, match="not both"):
         build_pretrain_datasets(tokenizer, train_files=tmp_path / "train.jsonl", valid_files=tmp_path / "valid.jsonl", valid_fraction=0.1, **common)
+
+
+def test_weighted_train_files_pack_each_source_on_its_own_for_the_sampler_to_mix(tmp_path, tokenizer):
+    from nanotune.config import DataFile
+    from nanotune.data.sampler import MixedDataset
+
+    texts = _documents(40, seed=5)
+    _write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts[:30]])
+    _write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in texts[30:]])
+    common = dict(seq_len=32, cache_dir=tmp_path / "cache", num_workers=1)
+    files = [DataFile(str(tmp_path / "a.jsonl"), 0.25), DataFile(str(tmp_path / "b.jsonl"), 0.75)]
+    train, valid = build_pretrain_datasets(tokenizer, train_files=files, valid_fraction=0.1, **common)
+    assert isinstance(train, MixedDataset) and train.weights == [0.25, 0.75]
+    alone = [build_pretrain_datasets(tokenizer, train_files=f.path, valid_fraction=0.1, **common) for f in files]
+    assert train.sources.tolist() == [0] * len(alone[0][0]) + [1] * len(alone[1][0])
+    for i in range(len(train)):  # a block holds one source's documents: the block of that source alone
+        source, offset = int(train.sources[i]), i - int(train.starts[train.sources[i]])
+        expected = alone[source][0][offset]
+        assert all(torch.equal(train[i][key], expected[key]) for key in expected)
+    assert len(valid) == len(alone[0][1]) + len(alone[1][1])  # the held-out fraction of each source

@@ -119,3 +119,84 @@ def test_bad_batch_sizes_are_clear_errors():
         sampler.load_state_dict({"epoch": 0, "step_in_epoch": 12})
     with pytest.raises(ValueError, match="lengths"):
         GlobalBatchSampler(N, global_batch_size=G, micro_batch_size=4, group_by_length=True)
+
+
+# -- mixing: weighted sources ------------------------------------------------------------------
+
+SIZES, WEIGHTS = (300, 1200, 90), (0.5, 0.2, 0.3)  # the small source is drawn far above its size
+SOURCES = np.repeat(np.arange(3), SIZES)  # sample i belongs to source SOURCES[i]
+
+
+def _mixed(world_size=1, rank=0, micro=4, g=32, **options):
+    return GlobalBatchSampler(len(SOURCES), global_batch_size=g, micro_batch_size=micro, world_size=world_size,
+                              rank=rank, seed=SEED, sources=SOURCES, weights=WEIGHTS, **options)
+
+
+def _flat(steps):
+    return [i for step in steps for m in step for i in m]
+
+
+def test_mixing_draws_each_source_by_its_weight_within_two_percent_over_10000_samples():
+    sampler = _mixed()
+    assert sampler.steps_per_epoch == len(SOURCES) // 32  # an epoch holds as many samples as the data
+    drawn = np.array(_flat(_steps(sampler, 10_000 // 32 + 1))[:10_000])  # 5.6 epochs
+    shares = np.bincount(SOURCES[drawn], minlength=3) / len(drawn)
+    assert np.abs(shares - np.array(WEIGHTS)).max() < 0.02, shares
+    # Weights are relative: 5, 2, 3 is the same mixture as 0.5, 0.2, 0.3.
+    scaled = GlobalBatchSampler(len(SOURCES), global_batch_size=32, micro_batch_size=4, seed=SEED, sources=SOURCES,
+                                weights=[5, 2, 3])
+    assert _steps(scaled, 20) == _steps(_mixed(), 20)
+
+
+def test_mixing_samples_each_source_without_replacement_within_its_pass_and_cycles():
+    sampler = _mixed()
+    per_epoch = sampler.samples_per_epoch
+    assert per_epoch.sum() == sampler.steps_per_epoch * 32 and per_epoch.tolist() == [784, 314, 470]
+    drawn = _flat(_steps(sampler, 4 * sampler.steps_per_epoch))
+    for k, size in enumerate(SIZES):
+        stream = [i for i in drawn if SOURCES[i] == k]
+        members = set(np.flatnonzero(SOURCES == k).tolist())
+        # Without replacement within a pass: after n full passes every sample came n or n + 1 times.
+        n_passes = len(stream) // size
+        counts = np.bincount(np.array(stream) - min(members), minlength=size)
+        assert set(stream) <= members
+        assert counts.min() >= n_passes and counts.max() <= n_passes + 1, (k, counts.min(), counts.max())
+    # The big source (1200 samples, 314 an epoch): in 4 epochs its whole first pass and 56 of the next.
+    big = [i for i in drawn if SOURCES[i] == 1]
+    assert len(big) == 4 * 314 and len(set(big)) == 1200
+
+
+def test_mixing_gives_the_same_global_batches_on_1_2_and_4_ranks():
+    reference = [sorted(i for m in step for i in m) for step in _steps(_mixed(), 70)]  # crosses 3 epochs
+    for world_size in (2, 4):
+        per_rank = [_steps(_mixed(world_size=world_size, rank=r, micro=2), 70) for r in range(world_size)]
+        for step in range(70):
+            union = [i for rank in per_rank for m in rank[step] for i in m]
+            assert len(union) == 32 and sorted(union) == reference[step]
+
+
+def test_mixing_resumes_with_exactly_the_continuation():
+    sampler = _mixed(group_by_length=True, lengths=np.arange(len(SOURCES)) % 97 + 1)
+    iterator = iter(sampler)
+    for _ in range(60):  # into the second epoch
+        next(iterator)
+    state = sampler.state_dict()
+    assert state == {"epoch": 1, "step_in_epoch": 60 - sampler.steps_per_epoch}
+    expected = [next(iterator) for _ in range(60)]
+    resumed = _mixed(group_by_length=True, lengths=np.arange(len(SOURCES)) % 97 + 1)
+    resumed.load_state_dict(state)
+    assert _steps(resumed, 60) == expected
+
+
+def test_mixing_without_shuffle_interleaves_the_sources_evenly_and_bad_mixtures_are_errors():
+    sampler = _mixed(shuffle=False)
+    first = _flat(_steps(sampler, 1))
+    assert first[:3] == [0, 1500, 300]  # each source from its start, the most frequent first
+    with pytest.raises(ValueError, match="weights must be numbers > 0"):
+        GlobalBatchSampler(len(SOURCES), global_batch_size=32, micro_batch_size=4, sources=SOURCES,
+                           weights=[1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match=r"source\(s\) \[2\] have no samples"):
+        GlobalBatchSampler(100, global_batch_size=10, micro_batch_size=5, sources=[0] * 50 + [1] * 50,
+                           weights=[1, 1, 1])
+    with pytest.raises(ValueError, match="both sources"):
+        GlobalBatchSampler(100, global_batch_size=10, micro_batch_size=5, weights=[1, 1])

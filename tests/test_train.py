@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import corpus_lines, train_sentencepiece
@@ -290,3 +291,84 @@ def test_lora_training_changes_only_adapters_loss_falls_and_resume_is_exact(work
     assert after < before - 0.05, (before, after)
     assert torch.equal(adapted.model.layers[0].self_attn.q_proj.lora_B.weight,
                        trained["model.layers.0.self_attn.q_proj.lora_B.weight"])
+
+
+@pytest.mark.parametrize("truncation", ["truncate", "drop"])
+def test_sft_sequences_are_limited_to_the_model_positions_with_one_warning(workspace, tmp_path, caplog, truncation):
+    captured = {}
+    original_train = train_sft.train
+
+    def capture(config, run, model, tokenizer, train_data, *args, **kwargs):
+        captured["data"] = train_data
+        return original_train(config, run, model, tokenizer, train_data, *args, **kwargs)
+
+    train_sft.train = capture
+    try:
+        with caplog.at_level("INFO", logger="nanotune"):
+            train_sft.main(sft_args(workspace, tmp_path / truncation, "--model.max_position_embeddings=40",
+                                    "--data.template=llama2",
+                                    "--data.max_length=64", f"--data.truncation={truncation}",
+                                    "--train.batch_size=2", "--train.max_steps=1"))
+    finally:
+        train_sft.train = original_train
+    data = captured["data"]
+    assert max(data.lengths) <= 40
+    warnings = [r.getMessage() for r in caplog.records if "max_position_embeddings" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "data.max_length 64 is more than the model's max_position_embeddings 40" in warnings[0]
+    assert "rope scaling is the way to go longer" in warnings[0]
+    counted = "truncated" if truncation == "truncate" else "dropped"
+    assert data.stats[counted] > 0
+    assert any("dropped as longer than 40 tokens" in r.getMessage() for r in caplog.records)  # the data log line
+
+
+def test_pretraining_blocks_longer_than_the_model_positions_are_refused_before_tokenising(workspace, tmp_path):
+    from nanotune.config import ConfigError
+
+    args = pt_args(workspace, tmp_path / "out", "--model.max_position_embeddings=16", "--train.max_steps=1",
+                   f"--data.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(ConfigError) as error:
+        train_pt.main(args)
+    message = str(error.value)
+    assert "\n" not in message and "data.seq_len 32 is more than the model's max_position_embeddings 16" in message
+    assert "rope scaling is the way to go longer" in message
+    assert not (tmp_path / "cache").exists()  # nothing was tokenised
+
+
+def test_sft_with_two_weighted_files_draws_each_by_its_weight_end_to_end(workspace, tmp_path):
+    from nanotune.config import load_config
+    from nanotune.data.sampler import MixedDataset
+
+    conversations = workspace["chat"].read_text(encoding="utf-8").splitlines()
+    (tmp_path / "big.jsonl").write_text("\n".join(conversations[:30]) + "\n", encoding="utf-8")
+    (tmp_path / "small.jsonl").write_text("\n".join(conversations[30:]) + "\n", encoding="utf-8")
+    fetched = []
+
+    class Recording(MixedDataset):  # the indices the loop reads, in order
+        def __getitem__(self, index):
+            fetched.append(index)
+            return super().__getitem__(index)
+
+    original_train = train_sft.train
+
+    def capture(config, run, model, tokenizer, train_data, *args, **kwargs):
+        assert isinstance(train_data, MixedDataset) and len(train_data) == 40
+        recording = Recording(train_data.parts, train_data.weights, train_data.names)
+        return original_train(config, run, model, tokenizer, recording, *args, **kwargs)
+
+    files = f'[{{path = "{tmp_path / "big.jsonl"}", weight = 1}}, {{path = "{tmp_path / "small.jsonl"}", weight = 3}}]'
+    train_sft.train = capture
+    try:
+        result = train_sft.main(sft_args(workspace, tmp_path / "out", f"--data.train_files={files}",
+                                         "--data.template=llama2", "--data.max_length=256", "--train.batch_size=4",
+                                         "--train.max_steps=20"))
+    finally:
+        train_sft.train = original_train
+    assert result.steps == 20 and len(fetched) == 80  # two epochs of 40 samples
+    from_small = [i for i in fetched if i >= 30]
+    assert len(from_small) == 60  # 3/4 of each epoch from the 10 small-file conversations
+    assert sorted(np.bincount(from_small, minlength=40)[30:].tolist()) == [6] * 10  # each 3 times an epoch
+    assert len(set(i for i in fetched if i < 30)) == 20  # 10 an epoch from the big file, no repeat yet
+    saved = load_config(["--config", str(tmp_path / "out" / "final" / "training_config.toml")],
+                        data_class=train_sft.SFTDataConfig)
+    assert [f.weight for f in saved.data.train_files] == [1.0, 3.0]

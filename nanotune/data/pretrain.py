@@ -25,12 +25,15 @@ Three pieces, in the order the data flows:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from ..config import weighted_sources
 from .records import DataError
+from .sampler import MixedDataset
 from .token_cache import TokenCache, build_token_cache, read_documents  # noqa: F401 (re-exported)
 from ..loss import IGNORE_INDEX  # -100: a label that carries no loss
 
@@ -218,10 +221,27 @@ def build_pretrain_datasets(
     seed: int = 0,
     num_workers: int | None = None,
 ) -> tuple[PackedDataset, PackedDataset | None]:
-    """(train, valid or None): validation from separate files, or a held-out fraction of documents."""
+    """(train, valid or None): validation from separate files, or a held-out fraction of documents.
+
+    Weighted `train_files` (`config.DataFile` entries: mixing) give one token cache and one block
+    stream per source, so a block holds one source's documents and a source's weight counts
+    whole blocks; train is then a `MixedDataset` of the sources' blocks for the sampler to mix,
+    and a held-out fraction is taken from each source.
+    """
     if valid_files and valid_fraction:
         raise ValueError("give valid_files or valid_fraction, not both")
     reader = dict(text_fields=text_fields, field_separator=field_separator, txt_mode=txt_mode, skip_invalid=skip_invalid)
+    sources = None if isinstance(train_files, (str, os.PathLike)) else weighted_sources(list(train_files))
+    if sources is not None:
+        options = dict(reader, valid_fraction=valid_fraction, seq_len=seq_len, cache_dir=cache_dir, seed=seed,
+                       num_workers=num_workers)
+        parts = [build_pretrain_datasets(tokenizer, train_files=[source.path], **options) for source in sources]
+        weights, names = [source.weight for source in sources], [source.path for source in sources]
+        train = MixedDataset([train for train, _ in parts], weights, names)
+        if valid_files:
+            valid_options = {**options, "valid_fraction": 0.0}
+            return train, build_pretrain_datasets(tokenizer, train_files=valid_files, **valid_options)[0]
+        return train, (MixedDataset([valid for _, valid in parts], weights, names) if valid_fraction > 0 else None)
 
     def blocks(cache, documents=None):
         return PackedDataset(cache, seq_len, tokenizer.bos_id, tokenizer.eos_id, documents)

@@ -15,6 +15,23 @@ So the order is decided globally and only then cut up:
 
 `state_dict()` is just (epoch, step_in_epoch) of the next step: resuming recomputes the
 permutation from the seed instead of storing it.
+
+Mixing (`sources` and `weights`: weighted `data.train_files`). Each sample belongs to a source
+(a file or glob of `data.train_files`), and each source has a weight. An epoch is still as many
+samples as the data set holds (`steps_per_epoch = num_samples // G`), but they are drawn from the
+sources by weight, not in proportion to their sizes:
+
+    quota_k      source k's samples per epoch: weight_k / sum(weights) of the epoch's samples,
+                 rounded by largest remainder, the same in every epoch
+    stream_k     source k's samples without replacement, pass after pass: pass p is a permutation
+                 of its samples seeded by (seed, k, p), so a small source cycles and a large one is
+                 partly seen, each sample at most once per pass
+    epoch e      stream_k[e*quota_k : (e+1)*quota_k] of every source, shuffled together (seed, e)
+
+so the mix holds exactly (to the rounding) in every epoch, and on average in each global batch (a
+batch is a random draw from its epoch's samples, so its own counts vary around the weights). Epoch
+e needs nothing but (seed, e), so resuming, any world size and `group_by_length` work as without
+mixing, and the state is the same (epoch, step_in_epoch).
 """
 
 from __future__ import annotations
@@ -24,6 +41,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 LENGTH_GROUPING_WINDOW = 50  # global batches sorted together by length ("megabatches" in HF)
+SOURCE_STREAM = 0x50CE  # last word of a source pass's seed: never equal to an epoch's (seed, epoch)
 
 
 class GlobalBatchSampler:
@@ -36,6 +54,9 @@ class GlobalBatchSampler:
     the shuffle, samples are sorted by length within windows of 50 global batches and the order of
     the global batches within a window is shuffled again, so a micro-batch holds similar lengths
     and less padding, while the epoch stays a seeded permutation.
+
+    `sources` (the source index 0..K-1 of every sample) with `weights` (K numbers > 0, relative):
+    mixing, see the module docstring. `samples_per_epoch` then holds each source's quota.
     """
 
     def __init__(
@@ -50,6 +71,8 @@ class GlobalBatchSampler:
         shuffle: bool = True,
         lengths: Sequence[int] | np.ndarray | None = None,
         group_by_length: bool = False,
+        sources: Sequence[int] | np.ndarray | None = None,
+        weights: Sequence[float] | None = None,
     ):
         if min(global_batch_size, micro_batch_size, world_size) < 1:
             raise ValueError(
@@ -73,6 +96,8 @@ class GlobalBatchSampler:
         if group_by_length:
             if lengths is None or len(lengths) != num_samples:
                 raise ValueError(f"group_by_length needs lengths for all {num_samples} samples")
+        if (sources is None) != (weights is None):
+            raise ValueError("mixing needs both sources (one per sample) and weights (one per source)")
         self.num_samples = num_samples
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
@@ -82,6 +107,9 @@ class GlobalBatchSampler:
         self.group_by_length = group_by_length
         self.grad_accum = global_batch_size // (micro_batch_size * world_size)
         self.steps_per_epoch = num_samples // global_batch_size
+        self.weights = None if weights is None else [float(w) for w in weights]
+        if sources is not None:
+            self._members, self.samples_per_epoch = self._plan_mixture(np.asarray(sources), self.weights)
         self.epoch, self.step_in_epoch = 0, 0
         self._order_of_epoch: tuple[int, np.ndarray] | None = None  # the last epoch's order, kept
 
@@ -92,7 +120,10 @@ class GlobalBatchSampler:
         if self._order_of_epoch is not None and self._order_of_epoch[0] == epoch:
             return self._order_of_epoch[1]
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
+        if self.weights is not None:
+            order = self._mixed_epoch(epoch, rng)
+        else:
+            order = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
         if self.group_by_length:
             order = self._grouped_by_length(order, rng)
         self._order_of_epoch = (epoch, order)
@@ -111,6 +142,51 @@ class GlobalBatchSampler:
                 batches = batches[rng.permutation(n_full)]  # lengths must not trend within an epoch
             grouped += [batches.reshape(-1), samples[n_full * G :]]  # the remainder is the dropped tail
         return np.concatenate(grouped)
+
+    # -- mixing ---------------------------------------------------------------------------------
+
+    def _plan_mixture(self, sources: np.ndarray, weights: list[float]) -> tuple[list[np.ndarray], np.ndarray]:
+        """(the sample indices of each source, each source's quota of an epoch's samples)."""
+        if len(sources) != self.num_samples:
+            raise ValueError(f"sources has {len(sources)} entries for {self.num_samples} samples")
+        if not weights or not all(np.isfinite(w) and w > 0 for w in weights):
+            raise ValueError(f"mixing weights must be numbers > 0, not {weights}")
+        K = len(weights)
+        if len(sources) and (sources.min() < 0 or sources.max() >= K):
+            raise ValueError(f"sources must be source indices in [0, {K}) for {K} weights")
+        members = [np.flatnonzero(sources == k) for k in range(K)]
+        empty = [k for k in range(K) if len(members[k]) == 0]
+        if empty:
+            raise ValueError(f"source(s) {empty} have no samples to draw")
+        n_epoch = self.steps_per_epoch * self.global_batch_size
+        exact = np.asarray(weights) / sum(weights) * n_epoch  # (K,)
+        quota = np.floor(exact).astype(np.int64)
+        by_remainder = np.argsort(-(exact - quota), kind="stable")  # largest remainder first
+        quota[by_remainder[: n_epoch - int(quota.sum())]] += 1
+        return members, quota
+
+    def _source_stream(self, k: int, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) of source k's stream: its passes laid end to end, pass p a
+        permutation seeded by (seed, k, p), so each sample comes once per pass."""
+        members = self._members[k]
+        n = len(members)
+        first, last = start // n, (stop - 1) // n if stop > start else start // n
+        passes = []
+        for p in range(first, last + 1):
+            rng = np.random.default_rng([self.seed, k, p, SOURCE_STREAM])
+            passes.append(rng.permutation(n) if self.shuffle else np.arange(n))
+        return members[np.concatenate(passes)[start - first * n : stop - first * n]]
+
+    def _mixed_epoch(self, epoch: int, rng: np.random.Generator) -> np.ndarray:
+        """Every source's quota for `epoch`, from where its stream stands, shuffled together;
+        without shuffling, interleaved evenly (source k's j-th sample at time (j + 1/2) / quota_k)."""
+        quotas = [int(q) for q in self.samples_per_epoch]
+        parts = [self._source_stream(k, epoch * q, (epoch + 1) * q) for k, q in enumerate(quotas)]
+        order = np.concatenate(parts)
+        if self.shuffle:
+            return order[rng.permutation(len(order))]
+        times = np.concatenate([(np.arange(q) + 0.5) / q for q in self.samples_per_epoch if q > 0])
+        return order[np.argsort(times, kind="stable")]
 
     def global_batch(self, epoch: int, step: int) -> np.ndarray:
         """All G sample indices of optimizer step `step` of `epoch`, over every rank, (G,)."""
@@ -144,3 +220,33 @@ class GlobalBatchSampler:
                 f"sampler state epoch {epoch}, step_in_epoch {step} does not fit {self.steps_per_epoch} steps per epoch"
             )
         self.epoch, self.step_in_epoch = epoch, step
+
+
+class MixedDataset:
+    """The data sets of weighted sources laid end to end, for `GlobalBatchSampler`'s mixing.
+
+    `dataset[i]` is sample i of the concatenation; `sources[i]` its source (0..K-1, the order of
+    `parts`), `weights` and `names` the sources' (the training loop hands `sources` and `weights`
+    to the sampler). `lengths` concatenates the parts' lengths where every part has them.
+    """
+
+    def __init__(self, parts: Sequence, weights: Sequence[float], names: Sequence[str]):
+        if not len(parts) == len(weights) == len(names):
+            raise ValueError(f"{len(parts)} parts, {len(weights)} weights and {len(names)} names: "
+                             "one of each per source")
+        self.parts, self.weights, self.names = list(parts), [float(w) for w in weights], [str(n) for n in names]
+        sizes = [len(part) for part in self.parts]
+        self.starts = np.cumsum([0] + sizes)  # (K + 1,) index of each part's first sample, then the total
+        self.sources = np.repeat(np.arange(len(sizes)), sizes)  # (N,)
+        has_lengths = all(getattr(part, "lengths", None) is not None for part in self.parts)
+        self.lengths = [n for part in self.parts for n in part.lengths] if has_lengths else None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples")
+        k = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[k][index - int(self.starts[k])]
+
