@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .checkpoint import save_pretrained
+from .checkpoint import generation_config_text, save_pretrained
 from .config import RunConfig, save_config, to_toml
 from .data.sampler import GlobalBatchSampler
 from .distributed import Run
@@ -296,6 +296,8 @@ def save_final(model: Llama, tokenizer, output_dir: Path, run: Run, config: RunC
             from . import lora
 
             lora.save_adapter(model, folder, run=run)
+            if run.is_main:  # the stop ids travel with the adapter too
+                write_text_atomically(folder / "generation_config.json", generation_config_text(model.config))
         else:
             save_pretrained(model, folder, max_shard_size=config.checkpoint.max_shard_size, dtype=dtype, run=run)
         if run.is_main:
