@@ -1,6 +1,6 @@
 """Direct preference optimisation and its family (cDPO, IPO, hinge/RSO, SimPO, ORPO) on pairs.
 
-    python train_dpo.py --config configs/tiny_dpo.toml
+    python train_dpo.py --config examples/tcm_qg/dpo.toml        # the example's stage three
     torchrun --nproc_per_node 8 train_dpo.py --config dpo.toml --dpo.loss=simpo --dpo.share_prompt=true
 
 Builds the config, tokenizer, model (usually the SFT model: `model.path`), the encoded pairs and

@@ -1,6 +1,6 @@
 """Reward modelling on preference pairs: a scalar `score` head, -logsigmoid(r_chosen - r_rejected - margin).
 
-    python train_rm.py --config configs/tiny_rm.toml
+    python train_rm.py --config examples/tcm_qg/dpo.toml --output_dir runs/tcm_qg/rm   # the same pairs
     torchrun --nproc_per_node 8 train_rm.py --config rm.toml
 
 The model (usually the SFT model) loses its lm_head and gains a `score` head (preference.py,
