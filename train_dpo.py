@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None):
     model.config.eos_token_id = generation_stop_ids(template, tokenizer)
 
     train_pairs, valid_pairs = encode_pair_files(config, tokenizer, template)
-    reference = make_reference(config, run, model, [train_pairs, valid_pairs], tokenizer.pad_id)
     layout = "shared" if dpo.share_prompt else "packed" if data.packing else "padded"
     train_data, collate = batching(train_pairs, layout, tokenizer.pad_id, data.max_length)
     valid_data, _ = batching(valid_pairs, layout, tokenizer.pad_id, data.max_length)
+    reference = make_reference(config, run, model, [train_pairs, valid_pairs], collate)
 
     objective = PreferenceObjective(dpo.loss, beta=dpo.beta, label_smoothing=dpo.label_smoothing,
                                     simpo_gamma=dpo.simpo_gamma, sft_weight=dpo.sft_weight, reference=reference)

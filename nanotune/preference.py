@@ -213,14 +213,29 @@ class Precomputed:
 
 @torch.no_grad()
 def compute_reference_logprobs(model: nn.Module, pairs, collate, batch_size: int, device) -> list[tuple[float, float]]:
-    """(chosen, rejected) summed reply log-probs of every pair under `model`, in order."""
+    """(chosen, rejected) summed reply log-probs of every pair under `model`, in the pairs' order.
+
+    Chunks of `batch_size` pairs are laid out as `collate` lays out training batches (packed rows
+    for the packed and shared layouts, where a shared prompt makes the pass up to twice cheaper).
+    """
+    from .data.preference import PackedPairs
+
     was_training = model.training
     model.eval()
-    values = []
+    values: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
     for start in range(0, len(pairs), batch_size):
-        batch = {k: v.to(device) for k, v in collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]).items()}
+        indices = list(range(start, min(start + batch_size, len(pairs))))
+        chunk = [pairs[i] for i in indices]
+        if collate.layout == "padded":
+            items, order = chunk, indices
+        else:  # the pairs come out row by row: keep track of which is which
+            rows = PackedPairs(chunk, collate.row_length, collate.layout)
+            items = [rows[r] for r in range(len(rows))]
+            order = [indices[i] for row in rows.rows for i in sorted(row)]
+        batch = {k: v.to(device) for k, v in collate(items).items()}
         result = pair_logprobs(model, batch)
-        values += list(zip(result.chosen.tolist(), result.rejected.tolist()))
+        for i, chosen, rejected in zip(order, result.chosen.tolist(), result.rejected.tolist()):
+            values[i] = (chosen, rejected)
     model.train(was_training)
     return values
 
@@ -478,10 +493,10 @@ def batching(pairs, layout: str, pad_id: int, max_length: int):
     return PackedPairs(pairs, 2 * max_length, layout), collate
 
 
-def make_reference(config, run, model: nn.Module, datasets, pad_id: int):
-    """The reference model `dpo.reference` asks for (None for SimPO and ORPO), made before training."""
+def make_reference(config, run, model: nn.Module, datasets, collate):
+    """The reference model `dpo.reference` asks for (None for SimPO and ORPO), made before training.
+    `collate`: the training batches' (precomputed log-probs are computed in the same layout)."""
     from . import distributed
-    from .data.preference import PreferenceCollator
 
     dpo = config.dpo
     if dpo.loss in REFERENCE_FREE:
@@ -496,6 +511,5 @@ def make_reference(config, run, model: nn.Module, datasets, pad_id: int):
         model.to(run.device)  # rank 0 holds the whole model until it is sharded
     cache_dir = Path(config.data.cache_dir or Path(config.output_dir) / "cache")
     batch_size = config.eval.batch_size or config.train.batch_size
-    precompute_reference(model, [d for d in datasets if d is not None], PreferenceCollator(pad_id, "padded"),
-                         batch_size, cache_dir, run)
+    precompute_reference(model, [d for d in datasets if d is not None], collate, batch_size, cache_dir, run)
     return Precomputed()
