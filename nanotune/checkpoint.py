@@ -344,8 +344,15 @@ def write_sha256sums(folder: Path) -> None:
 
 
 def model_config_dict(model: Llama, dtype: torch.dtype) -> dict:
+    """config.json of `model`. A model with a scalar `score` head instead of an lm_head (a reward
+    model, preference.add_score_head) is written as its family's `*ForSequenceClassification`."""
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if isinstance(getattr(model, "score", None), torch.nn.Linear):
+        config["architectures"] = [a.replace("ForCausalLM", "ForSequenceClassification") for a in config["architectures"]]
+        config["num_labels"] = model.score.out_features
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.score.out_features)}
+        config["label2id"] = {f"LABEL_{i}": i for i in range(model.score.out_features)}
     return config
 
 

@@ -132,6 +132,46 @@ class SFTDataConfig:
 
 
 @dataclass
+class PreferenceDataConfig:
+    """Preference pairs (data/preference.py: TRL, LLaMA-Factory, MedicalGPT or qa_lines), for
+    train_dpo.py and train_rm.py; each reply laid out after its prompt with a chat template."""
+
+    train_files: list[str] = field(default_factory=list)
+    valid_files: list[str] = field(default_factory=list)
+    valid_fraction: float = 0.0
+    format: str = "auto"  # trl | alpaca | sharegpt | medicalgpt | qa_lines | auto
+    template: str = "llama2"  # a name in data/templates.py, or "auto" (as for SFT)
+    template_check: bool = True
+    max_length: int = 1024  # tokens of prompt + the longer reply
+    truncation: str = "truncate"  # drop | truncate (the prompt's left first) | truncate_left (oldest turns first)
+    packing: bool = False  # pack whole pairs into rows of 2 * max_length tokens (block-diagonal attention)
+    skip_invalid: bool = False
+    cache_dir: str = ""  # where precomputed reference log-probs are kept; empty = output_dir/cache
+
+
+@dataclass
+class DPOConfig:
+    """train_dpo.py: the preference loss, its reference model and the batch layout."""
+
+    loss: str = "sigmoid"  # sigmoid (DPO; cDPO with label_smoothing) | ipo | hinge (RSO) | simpo | orpo
+    beta: float = 0.1  # the strength of the preference (ORPO: the weight of the odds-ratio term)
+    label_smoothing: float = 0.0  # cDPO / SimPO: the probability that a pair's labels are flipped, in [0, 0.5)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    sft_weight: float = 0.0  # + this times chosen's per-token NLL (RPO, LLaMA-Factory's pref_ftx)
+    # auto (lora with LoRA, else copy) | copy (a frozen copy) | lora (adapters off) | precomputed (one pass first)
+    reference: str = "auto"
+    share_prompt: bool = False  # the prompt computed once per pair, both replies attending to it (packed rows)
+
+
+@dataclass
+class RewardConfig:
+    """train_rm.py: a scalar `score` head trained on pairs."""
+
+    margin: float = 0.0  # added to every pair's margin (a record's own "margin" field, else 0)
+    share_prompt: bool = False  # as dpo.share_prompt
+
+
+@dataclass
 class TrainConfig:
     """How the model trains: batches, steps, device, precision, what trains."""
 
@@ -233,7 +273,7 @@ class RunConfig:
     seed: int = 0  # initial weights, data order, dropout
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: PretrainDataConfig | SFTDataConfig = field(default_factory=PretrainDataConfig)
+    data: PretrainDataConfig | SFTDataConfig | PreferenceDataConfig = field(default_factory=PretrainDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -241,6 +281,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,6 +574,18 @@ def validate(config: RunConfig) -> None:
         check(data.format == "auto" or data.format in READERS,
               f"data.format {data.format!r} is not auto or one of {', '.join(READERS)}")
         check(data.max_length >= 1, f"data.max_length must be >= 1 (tokens per sample), not {data.max_length}")
+    elif isinstance(data, PreferenceDataConfig):
+        from .data.preference import READERS as PREFERENCE_READERS
+        from .data.templates import TEMPLATES
+
+        check(data.truncation in ("drop", "truncate", "truncate_left"),
+              f"data.truncation must be drop, truncate or truncate_left, not {data.truncation!r}")
+        check(data.template == "auto" or data.template in TEMPLATES,
+              f"data.template {data.template!r} is not one of {', '.join(TEMPLATES)} or auto")
+        check(data.format == "auto" or data.format in PREFERENCE_READERS,
+              f"data.format {data.format!r} is not auto or one of {', '.join(PREFERENCE_READERS)}")
+        check(data.max_length >= 2, f"data.max_length must be >= 2 (tokens of prompt + reply), not {data.max_length}")
+        _validate_preference(config, check)
     else:
         check(data.txt_mode in ("line", "paragraph"), f"data.txt_mode must be line or paragraph, not {data.txt_mode!r}")
         check(data.seq_len >= 1, f"data.seq_len must be >= 1 (tokens per block), not {data.seq_len}")
@@ -549,6 +603,27 @@ def _validate_logging_and_eval(config: RunConfig, check) -> None:
     resume = config.checkpoint.resume
     check(not isinstance(resume, str) or Path(resume).is_dir(),
           f"checkpoint.resume: {resume!r} is not a folder (give true, or a path to checkpoints/step_N)")
+
+
+def _validate_preference(config: RunConfig, check) -> None:
+    dpo = config.dpo
+    losses = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+    check(dpo.loss in losses, f"dpo.loss must be one of {', '.join(losses)}, not {dpo.loss!r}")
+    check(math.isfinite(dpo.beta) and dpo.beta > 0, f"dpo.beta must be > 0, not {dpo.beta}")
+    check(0.0 <= dpo.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), not {dpo.label_smoothing}")
+    check(dpo.label_smoothing == 0.0 or dpo.loss in ("sigmoid", "simpo"),
+          f"dpo.label_smoothing applies to the sigmoid and simpo losses, not {dpo.loss}")
+    check(math.isfinite(dpo.sft_weight) and dpo.sft_weight >= 0, f"dpo.sft_weight must be >= 0, not {dpo.sft_weight}")
+    check(dpo.reference in ("auto", "copy", "lora", "precomputed"),
+          f"dpo.reference must be auto, copy, lora or precomputed, not {dpo.reference!r}")
+    if dpo.reference == "lora":
+        check(config.lora.enabled, "dpo.reference = lora switches LoRA adapters off, but LoRA is not enabled; "
+              "use copy or precomputed, or enable [lora]")
+    if dpo.reference in ("lora", "auto") and config.lora.enabled:
+        check(not config.lora.modules_to_save,
+              f"lora.modules_to_save = {config.lora.modules_to_save} train in full, so switching the adapters off "
+              "does not give the starting model: set dpo.reference = copy or precomputed")
+    check(math.isfinite(config.reward.margin), f"reward.margin must be a finite number, not {config.reward.margin}")
 
 
 # What the optimizer, the schedule and the loop would reject later, with a traceback, or after

@@ -23,6 +23,11 @@ reference is that last assistant turn. The model answers greedily; predictions g
 (`{"prompt", "reference", "prediction"}`, the prompt as rendered text) and are scored with
 character-level BLEU-4 and ROUGE-L (see `metrics.py`; both 0..100).
 
+Preference pairs (`--pairs pairs.jsonl`, any format of data/preference.py): how often the model
+prefers the chosen reply. A reward model (a `*ForSequenceClassification` folder from train_rm.py)
+compares its scores; a causal LM compares the summed log-probs of the two replies. Prints the
+accuracy (ties count as wrong) and the mean margin, chosen minus rejected.
+
 `evaluate_model` is the same thing as a function, for scripts and the training loop.
 """
 
@@ -39,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from .chat import add_model_arguments, clean_reply, load_for_inference
-from .cli import at_least, resolve_device, run_main
+from .cli import at_least, check_model_folder, resolve_device, run_main
 from .data.collate import PaddingCollator
 from .data.records import DataError
 from .data.sft import encode_conversation, encode_prompt
@@ -171,7 +176,8 @@ def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanotune.evaluate", description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
-    parser.add_argument("--data", required=True, nargs="+", help="conversation files (any format of data/formats.py)")
+    parser.add_argument("--data", nargs="+", help="conversation files (any format of data/formats.py)")
+    parser.add_argument("--pairs", nargs="+", help="preference pairs to score instead (any format of data/preference.py)")
     parser.add_argument("--format", default="auto", help="data format (default: detected from the first record)")
     parser.add_argument("--batch-size", type=at_least(1), default=8)
     parser.add_argument("--max-length", type=at_least(1), default=None,
@@ -188,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from .data.formats import READERS, read_conversations
 
+    if (args.data is None) == (args.pairs is None):
+        parser.error("give --data (conversations) or --pairs (preference pairs)")
+    if args.pairs is not None:
+        return evaluate_pairs_main(args, parser)
     if args.format != "auto" and args.format not in READERS:
         parser.error(f"--format {args.format}: expected auto or one of {', '.join(READERS)}")
     if args.model is None and args.adapter is None:
@@ -222,6 +232,42 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ROUGE-L        {result['rougeL']:.2f}")
     if args.predictions:
         print(f"predictions    {args.predictions}")
+
+
+def evaluate_pairs_main(args, parser) -> None:
+    """`--pairs`: the preference accuracy of a reward model or a causal LM on the pairs."""
+    from .checkpoint import load_pretrained, read_config
+    from .data.preference import PreferenceCollator, build_preference_dataset
+    from .preference import is_reward_model_folder, load_reward_model, score_pairs
+    from .tokenizer import Tokenizer
+
+    from .chat import choose_template
+
+    device = resolve_device(parser, args.device)
+    if args.model is None:
+        parser.error("--pairs needs --model (a reward model or a causal LM folder)")
+    check_model_folder(args.model)
+    read_config(args.model)
+    tokenizer = Tokenizer.from_file(args.model)
+    template = choose_template(args.template, tokenizer, [Path(args.model)], check=not args.no_template_check)
+    pairs = build_preference_dataset(args.pairs, tokenizer, template, max_length=args.max_length,
+                                     format=args.format).samples
+    if not pairs:
+        raise DataError(f"{', '.join(args.pairs)}: no pairs to score")
+    if args.limit is not None:
+        pairs = pairs[: args.limit]
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    reward = is_reward_model_folder(args.model)
+    model = (load_reward_model if reward else load_pretrained)(args.model, dtype=dtype, device=device)
+    result = {**score_pairs(model, pairs, PreferenceCollator(tokenizer.pad_id), args.batch_size),
+              "scorer": "reward" if reward else "logprob"}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"pairs          {result['n_pairs']}")
+    print(f"scored by      {'the reward model' if reward else 'summed reply log-probs'}")
+    print(f"accuracy       {result['accuracy']:.4f}")
+    print(f"mean margin    {result['margin']:.4f}")
 
 
 if __name__ == "__main__":

@@ -391,16 +391,24 @@ class Llama(nn.Module):
             return self.lm_head(x)  # (B, T, V)
         return linear_cross_entropy_sum(x, self.lm_head.weight, labels, self.loss_chunk_tokens, self.logits_workspace)
 
-    def hidden_states(self, input_ids, position_ids=None, document_ids=None, kv_cache=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, position_ids=None, document_ids=None, kv_cache=None,
+                      attention_mask=None) -> torch.Tensor:
         """input_ids (B, T) -> the final normed hidden states (B, T, C): `forward` without the lm_head,
         for objectives that call loss.py with `self.lm_head.weight` themselves (per-sequence
-        log-probs). Under FSDP2, register it with `register_fsdp_forward_method` like a forward."""
+        log-probs). Under FSDP2, register it with `register_fsdp_forward_method` like a forward.
+        `attention_mask` (B, 1, T, T) bool, True = may attend: any other pattern (a prompt shared by
+        two replies), used as it is; give `position_ids` with it."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = self._default_positions(B, T, document_ids, kv_cache, input_ids.device)
         windows = self.config.layer_windows  # one plan per distinct sliding window (None: full)
-        plans = {w: make_attention_plan(document_ids, kv_cache, T, self.packed_attention, w, input_ids.device)
-                 for w in set(windows)}
+        if attention_mask is not None:  # a given pattern, narrowed to each window by position
+            distance = position_ids[:, None, :, None] - position_ids[:, None, None, :]  # (B, 1, T, T)
+            plans = {w: AttentionPlan("mask", mask=attention_mask if w is None else attention_mask & (distance < w))
+                     for w in set(windows)}
+        else:
+            plans = {w: make_attention_plan(document_ids, kv_cache, T, self.packed_attention, w, input_ids.device)
+                     for w in set(windows)}
 
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         seq_len = T if kv_cache is None else kv_cache.length + T

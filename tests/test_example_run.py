@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_run_sh_goes_through_every_stage_and_writes_the_report(tmp_path):
     out = tmp_path / "tcm run"  # a space in the path: run.sh must quote its paths
-    env = {**os.environ, "PT_STEPS": "4", "SFT_STEPS": "4", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "PT_STEPS": "4", "SFT_STEPS": "4", "DPO_STEPS": "4", "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # run.sh calls `python`
     result = subprocess.run(["bash", str(ROOT / "examples" / "tcm_qg" / "run.sh"), str(out)], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=600)
@@ -40,3 +40,11 @@ def test_run_sh_goes_through_every_stage_and_writes_the_report(tmp_path):
         assert len(predictions) == 55
     assert (out / "sft" / "final" / "model.safetensors").exists()
     assert "BLEU-4" in result.stdout and "ROUGE-L" in result.stdout
+    preference = report["preference"]
+    assert preference["n_dev_pairs"] == 55
+    for key in ("accuracy_sft", "accuracy_dpo"):
+        assert 0.0 <= preference[key] <= 1.0, (key, preference[key])
+    assert 0.0 <= preference["rougeL_dpo"] <= 100.0
+    assert set(preference["minutes"]) == {"pairs", "dpo", "pref_sft", "pref_dpo", "after_dpo"}
+    assert max(json.loads(line).get("step", 0) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()) == 4
+    assert "preference accuracy" in result.stdout

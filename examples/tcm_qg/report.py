@@ -12,6 +12,10 @@ It only reads files the stages wrote, so it can be re-run on a finished folder:
                                            loss (the mean over the last logging window, not one batch),
                                            the last "eval_loss" line the loss on the held-out data
     OUT_DIR/stage_times.tsv                "stage<TAB>start<TAB>end" (Unix seconds) per stage
+    OUT_DIR/eval/pref_sft.json, pref_dpo.json   `evaluate --pairs --json`: held-out preference accuracy
+                                           of the SFT and the DPO model (summed log-probs of the replies)
+    OUT_DIR/eval/after_dpo.json            the DPO model's dev questions, scored as "after"
+    OUT_DIR/dpo/metrics.jsonl, preference_times.tsv   the DPO stage's log and its stages' minutes
 
 "before" is the pretrained model given exactly the prompt the SFT model is given: it has read the
 domain's text but never seen the task, so its scores are the floor that fine-tuning must beat.
@@ -118,6 +122,29 @@ def examples(out_dir: Path, n: int) -> list[dict]:
     ]
 
 
+def preference_report(out_dir: Path) -> tuple[dict, list[float]]:
+    """The preference stage: accuracy and margin on the dev pairs before (SFT) and after DPO, the DPO
+    model's BLEU-4 / ROUGE-L on the dev questions, its losses and minutes; and its stage bounds."""
+    paths = {name: out_dir / "eval" / f"{name}.json" for name in ("pref_sft", "pref_dpo", "after_dpo")}
+    results = {name: read_json(path) for name, path in paths.items()}
+    dpo = final_losses(out_dir / "dpo" / "metrics.jsonl")
+    minutes, _ = stage_minutes(out_dir / "preference_times.tsv")
+    bounds = [float(x) for line in (out_dir / "preference_times.tsv").read_text(encoding="utf-8").splitlines()
+              for x in line.split("\t")[1:3]]
+    return {
+        "accuracy_sft": get_field(results["pref_sft"], "accuracy", paths["pref_sft"]),
+        "accuracy_dpo": get_field(results["pref_dpo"], "accuracy", paths["pref_dpo"]),
+        "margin_sft": get_field(results["pref_sft"], "margin", paths["pref_sft"]),
+        "margin_dpo": get_field(results["pref_dpo"], "margin", paths["pref_dpo"]),
+        "n_dev_pairs": get_field(results["pref_dpo"], "n_pairs", paths["pref_dpo"]),
+        "bleu4_dpo": get_field(results["after_dpo"], "bleu4", paths["after_dpo"]),
+        "rougeL_dpo": get_field(results["after_dpo"], "rougeL", paths["after_dpo"]),
+        "dpo_train_loss": dpo["train_loss"],
+        "dpo_eval_loss": dpo["eval_loss"],
+        "minutes": {name: round(value, 2) for name, value in minutes.items()},
+    }, bounds
+
+
 def build_report(out_dir: Path, records_path: Path, dev_records: int, load_at_start: float | None = None) -> dict:
     before_path, after_path = out_dir / "eval" / "before.json", out_dir / "eval" / "after.json"
     before, after = read_json(before_path), read_json(after_path)
@@ -129,6 +156,10 @@ def build_report(out_dir: Path, records_path: Path, dev_records: int, load_at_st
     pretrain = final_losses(out_dir / "pt" / "metrics.jsonl")
     sft = final_losses(out_dir / "sft" / "metrics.jsonl")
     minutes, total_minutes = stage_minutes(out_dir / "stage_times.tsv")
+    preference, bounds = preference_report(out_dir)
+    core = [float(x) for line in (out_dir / "stage_times.tsv").read_text(encoding="utf-8").splitlines()
+            for x in line.split("\t")[1:3]]
+    total_minutes = (max(core + bounds) - min(core + bounds)) / 60.0  # every stage, the preference ones too
     return {
         "bleu4_before": bleu4[0],
         "bleu4_after": bleu4[1],
@@ -147,6 +178,7 @@ def build_report(out_dir: Path, records_path: Path, dev_records: int, load_at_st
         "load_average_at_start": load_at_start,
         "split": dev_leakage(records_path, dev_records),
         "examples": examples(out_dir, N_EXAMPLES),
+        "preference": preference,
     }
 
 
@@ -167,7 +199,19 @@ def table(report: dict) -> str:
         "",
         f"losses (final train / eval): pretrain {report['pretrain_train_loss']:.3f} / {report['pretrain_eval_loss']:.3f}, "
         f"SFT {report['sft_train_loss']:.3f} / {report['sft_eval_loss']:.3f}",
-        "minutes: " + ", ".join(f"{name} {value:.2f}" for name, value in report["minutes"].items())
+    ]
+    preference = report["preference"]
+    lines += [
+        "",
+        f"preference stage (DPO from the SFT model): {preference['n_dev_pairs']} held-out pairs",
+        f"{'':22}{'SFT':>12}{'SFT + DPO':>12}",
+        f"{'preference accuracy':22}{preference['accuracy_sft']:12.3f}{preference['accuracy_dpo']:12.3f}",
+        f"{'log-prob margin':22}{preference['margin_sft']:12.2f}{preference['margin_dpo']:12.2f}",
+        f"{'ROUGE-L':22}{report['rougeL_after']:12.2f}{preference['rougeL_dpo']:12.2f}",
+        f"{'BLEU-4':22}{report['bleu4_after']:12.2f}{preference['bleu4_dpo']:12.2f}",
+        f"DPO loss (final train / eval): {preference['dpo_train_loss']:.3f} / {preference['dpo_eval_loss']:.3f}",
+        "",
+        "minutes: " + ", ".join(f"{name} {value:.2f}" for name, value in {**report["minutes"], **preference["minutes"]}.items())
         + f"; total {report['total_minutes']:.2f}",
     ]
     if report["load_average_at_start"] is not None:
