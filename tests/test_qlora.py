@@ -139,3 +139,168 @@ def test_generation_of_a_qlora_model_equals_the_same_model_dequantised():
     tokens = generate(model, prompt, max_new_tokens=8)
     assert tokens == generate(dense, prompt, max_new_tokens=8)
     assert tokens == decode_without_cache(model, prompt, max_new_tokens=8)
+
+
+# ----------------------------------------------------------------------------------------------
+# train_sft.py on the tiny config, and what comes out of it
+# ----------------------------------------------------------------------------------------------
+
+TOKENIZER = ROOT / "examples" / "tcm_qg" / "tokenizer" / "tokenizer.model"
+DATA = ROOT / "examples" / "tcm_qg" / "data" / "tcm_qg.json"
+
+
+def qlora_args(base: Path, output_dir: Path, *extra: str) -> list[str]:
+    """configs/tiny_sft.toml over a tiny base, NF4, at test size."""
+    return ["--config", str(ROOT / "configs" / "tiny_sft.toml"), f"--output_dir={output_dir}",
+            f"--model.path={base}", f"--tokenizer.path={TOKENIZER}", f"--data.train_files={DATA}",
+            "--data.max_length=96", "--train.batch_size=4", "--train.max_steps=12", "--optim.lr=1e-2",
+            "--optim.warmup_ratio=0", "--lora.quantize_base=nf4", "--lora.r=8", "--lora.alpha=16",
+            "--lora.dropout=0.1", "--lora.targets=all-linear", "--checkpoint.every_steps=6",
+            "--checkpoint.resume=true", "--eval.every_steps=6", "--eval.max_batches=2", "--log.every_steps=1",
+            "--log.progress_bar=false", *extra]
+
+
+def losses(output_dir: Path, key: str = "loss") -> list[float]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in records if key in r]
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory) -> Path:
+    """A tiny model over the tcm_qg tokenizer; intermediate 176 puts NF4 blocks across rows."""
+    from nanotune.model import Llama, LlamaConfig
+    from nanotune.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(TOKENIZER)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=None)
+    model = Llama(config)
+    model.init_weights(seed=0)
+    folder = tmp_path_factory.mktemp("qlora") / "base"
+    save_pretrained(model, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qlora_run(base_folder, tmp_path_factory):
+    """One QLoRA run of 12 steps, with the trained model as it was in memory at the end."""
+    import train_sft
+
+    out = tmp_path_factory.mktemp("qlora_run")
+    trained = {}
+    original_train = train_sft.train
+
+    def capture(config, run, model, *args, **kwargs):
+        result = original_train(config, run, model, *args, **kwargs)
+        trained["model"] = model
+        return result
+
+    train_sft.train = capture
+    try:
+        train_sft.main(qlora_args(base_folder, out / "straight"))
+    finally:
+        train_sft.train = original_train
+    return {"out": out, "straight": out / "straight", "model": trained["model"].eval()}
+
+
+def test_qlora_sft_trains_only_the_adapters_loss_falls_and_checkpoints_hold_no_nf4(qlora_run):
+    import torch.distributed.checkpoint as dcp
+
+    model, straight = qlora_run["model"], qlora_run["straight"]
+    assert sum(isinstance(m.weight, torch.nn.Module) for m in model.modules() if isinstance(m, LoRALinear)) == 14
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".lora_" in n}
+    curve, eval_curve = losses(straight), losses(straight, "eval_loss")
+    assert len(curve) == 12 and sum(curve[-3:]) / 3 < curve[0] - 0.3, curve
+    assert eval_curve[-1] < eval_curve[0], eval_curve
+    metadata = dcp.FileSystemReader(str(straight / "checkpoints" / "step_6" / "state")).read_metadata()
+    model_keys = [k for k in metadata.state_dict_metadata if k.startswith("model.")]
+    assert model_keys and all(".lora_" in k for k in model_keys), model_keys
+    config = json.loads((straight / "final" / "adapter_config.json").read_text())
+    assert config["base_model_quantization"]["method"] == "nf4"
+    assert sorted(config["base_model_quantization"]["targets"]) == sorted(config["target_modules"])
+
+
+def test_qlora_resume_from_step_6_ends_where_the_uninterrupted_run_ends(qlora_run, base_folder):
+    import train_sft
+    from nanotune.lora import read_adapter_tensors
+
+    resumed = qlora_run["out"] / "resumed"
+    train_sft.main(qlora_args(base_folder, resumed))
+    shutil.rmtree(resumed / "final")
+    assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step_6"]
+    train_sft.main(qlora_args(base_folder, resumed))
+    a, b = read_adapter_tensors(qlora_run["straight"] / "final"), read_adapter_tensors(resumed / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(resumed) == losses(qlora_run["straight"])
+
+
+def token_batch(vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def test_qlora_adapter_loads_in_peft_over_the_full_precision_base(qlora_run, base_folder):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    adapter = qlora_run["straight"] / "final"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_folder, torch_dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(hf, adapter).eval()
+    ours = load_adapter(load_pretrained(base_folder), adapter).eval()
+    ids = token_batch(ours.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, ours(ids), atol=1e-5, rtol=0)
+
+
+def run_merge(*args: str) -> None:
+    import merge
+
+    merge.main(["lora", *args])
+
+
+def test_merge_py_folds_a_qlora_adapter_into_the_full_precision_base_or_the_dequantised_one(qlora_run, base_folder):
+    transformers = pytest.importorskip("transformers")
+    adapter, out = qlora_run["straight"] / "final", qlora_run["out"]
+    run_merge("--base", str(base_folder), "--adapter", str(adapter), "--out", str(out / "merged"))
+    run_merge("--base", str(base_folder), "--adapter", str(adapter), "--out", str(out / "merged_nf4"),
+              "--into-dequantized")
+    full = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    dequantised = transformers.AutoModelForCausalLM.from_pretrained(out / "merged_nf4").eval()
+    ids = token_batch(full.config.vocab_size)
+    with torch.no_grad():
+        over_full_precision = load_adapter(load_pretrained(base_folder), adapter).eval()(ids)
+        torch.testing.assert_close(full(ids).logits, over_full_precision, atol=1e-5, rtol=0)
+        as_trained = qlora_run["model"](ids)  # the QLoRA model in memory, NF4 base and all
+        torch.testing.assert_close(dequantised(ids).logits, as_trained, atol=1e-5, rtol=0)
+        assert (full(ids).logits - as_trained).abs().max() > 1e-3  # the two merges are different models
+
+
+def test_merge_into_dequantized_refuses_a_plain_lora_adapter(tmp_path):
+    import merge
+
+    model = tiny_model()
+    save_pretrained(model, tmp_path / "base")
+    apply_lora(model, r=2, alpha=4)
+    save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(merge.MergeError, match="needs a QLoRA adapter"):
+        run_merge("--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out",
+                  str(tmp_path / "out"), "--into-dequantized")
+
+
+def test_fsdp_shards_the_nf4_base_and_trains_like_one_process(base_folder, tmp_path):
+    """2 ranks (gloo) x batch 2 x accumulation 2 against 1 process x batch 8: the packed codes and
+    scales are frozen integer parameters, sharded by fully_shard like any other."""
+    import train_sft
+    from test_distributed import torchrun
+
+    from nanotune.lora import read_adapter_tensors
+
+    steps = ("--train.max_steps=3", "--checkpoint.every_steps=0", "--eval.every_steps=0", "--lora.dropout=0")
+    torchrun("train_sft.py", qlora_args(base_folder, tmp_path / "fsdp", "--train.batch_size=2", "--train.grad_accum=2",
+                                        *steps))
+    train_sft.main(qlora_args(base_folder, tmp_path / "single", "--train.batch_size=8", *steps))
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+    sharded, single = read_adapter_tensors(tmp_path / "fsdp" / "final"), read_adapter_tensors(tmp_path / "single" / "final")
+    assert sharded.keys() == single.keys() and any("lora_B" in k for k in single)
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], atol=1e-5, rtol=0, msg=name)
