@@ -175,7 +175,8 @@ class LoRALinear(nn.Module):
     storage are unchanged; `lora_A` (in -> r) and `lora_B` (r -> out) are plain `nn.Linear`s.
     Dropout acts on the input of the update only, as in PEFT, so the base path stays exact.
     QLoRA: over an `NF4Linear` the frozen `weight` is its 4-bit `NF4Weight` module (quant.py),
-    and the adapters are kept in the compute dtype it dequantises to.
+    and the adapters are kept in at least fp32 (they and their optimizer state are small; a bf16
+    adapter would lose the small updates of a long run).
     """
 
     def __init__(self, base: nn.Linear | NF4Linear, r: int, scale: float, dropout: float = 0.0):
@@ -183,7 +184,10 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # (out, in), frozen by apply_lora; or an NF4Weight module
         self.register_parameter("bias", base.bias)  # (out,) or None
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        dtype = base.weight.dtype
+        if isinstance(base.weight, NF4Weight):  # QLoRA: adapters in full precision, whatever the compute dtype
+            dtype = torch.promote_types(dtype, torch.float32)
+        factory = dict(device=base.weight.device, dtype=dtype)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)  # weight (r, in)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # weight (out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -304,3 +304,42 @@ def test_fsdp_shards_the_nf4_base_and_trains_like_one_process(base_folder, tmp_p
     assert sharded.keys() == single.keys() and any("lora_B" in k for k in single)
     for name in single:
         torch.testing.assert_close(sharded[name], single[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_qlora_adapters_are_fp32_over_a_bf16_compute_dtype():
+    model = tiny_model().to(torch.bfloat16)
+    quantize_linears(model)
+    apply_lora(model, r=2, alpha=4, targets="all-linear")
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    ids = torch.randint(0, 256, (2, 8))
+    labels = torch.randint(0, 256, (2, 8))
+    model(ids, labels=labels).backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32
+
+
+def test_qlora_config_mistakes_fail_at_start_up_with_one_line(base_folder, tmp_path):
+    import train_sft
+    from nanotune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="lora.quantize_base must be"):
+        load_config(["--lora.quantize_base=int4"])
+    with pytest.raises(ConfigError, match="lora.enabled = false"):
+        load_config(["--lora.enabled=false", "--lora.quantize_base=nf4"])
+    with pytest.raises(ConfigError, match=r"lora.quantize_targets: \['q_prj'\] match no linear layer"):
+        train_sft.main(qlora_args(base_folder, tmp_path / "typo", '--lora.quantize_targets=["q_proj", "q_prj"]'))
+    assert not (tmp_path / "typo" / "final").exists()
+
+
+def test_evaluation_of_the_qlora_model_equals_its_dequantised_copy(qlora_run):
+    from nanotune.data.formats import read_conversations
+    from nanotune.evaluate import evaluate_model
+    from nanotune.tokenizer import Tokenizer
+
+    model, tokenizer = qlora_run["model"], Tokenizer.from_file(TOKENIZER)
+    conversations = read_conversations([str(DATA)], format="tcm_qg")[:6]
+    options = dict(generate=True, max_new_tokens=6, progress=False)
+    quantized = evaluate_model(model, tokenizer, conversations, "llama2", **options)
+    dense = evaluate_model(merged_copy(model), tokenizer, conversations, "llama2", **options)
+    assert quantized["loss"] == pytest.approx(dense["loss"], abs=1e-5)
+    assert (quantized["bleu4"], quantized["rougeL"]) == (dense["bleu4"], dense["rougeL"])
