@@ -89,13 +89,20 @@ def weight_files(path: str | os.PathLike) -> dict[Path, list[str] | None]:
 
 
 def iter_file_tensors(file: Path, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of one weight file, one tensor at a time for safetensors."""
+    """(name, tensor) of one weight file, one tensor at a time for safetensors.
+
+    The file is opened again for each tensor: a tensor read from an open file stays mapped to it,
+    and the pages of every tensor read would stay resident until the file is closed (a whole
+    shard, however many of its tensors were already converted or quantised and dropped).
+    """
     if file.suffix == ".safetensors":
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 names = list(f.keys())
-                for name in names:
-                    yield name, f.get_tensor(name)
+            for name in names:
+                with safe_open(str(file), framework="pt", device=str(device)) as f:
+                    tensor = f.get_tensor(name)
+                yield name, tensor
         except Exception as error:  # safetensors raises its own SafetensorError for bad files
             if isinstance(error, CheckpointError):
                 raise

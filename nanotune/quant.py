@@ -84,6 +84,13 @@ def _levels(device) -> torch.Tensor:
     return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
 
 
+def _byte_levels(device) -> torch.Tensor:
+    """(256, 2): the two levels a byte packs, the high nibble's first. Dequantising is then one
+    gather per byte, where unpacking first costs two shifts, two gathers and an interleave."""
+    levels = _levels(device)
+    return torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)
+
+
 @torch.no_grad()
 def quantize_nf4(weight: torch.Tensor) -> NF4:
     """`weight` (any shape, any float dtype) in NF4, on its own device, in chunks of `CHUNK` values.
@@ -146,14 +153,14 @@ def dequantize_blocks(packed: torch.Tensor, scales: torch.Tensor, shape: tuple[i
     `scales` (n_blocks,) fp32 are the block absmaxes, double-quantised or not.
     """
     n_blocks = scales.numel()
-    levels = _levels(packed.device)
+    byte_levels = _byte_levels(packed.device)
     out = torch.empty(n_blocks * BLOCK_SIZE, dtype=dtype, device=packed.device)
     blocks_per_chunk = CHUNK // BLOCK_SIZE
     for first in range(0, n_blocks, blocks_per_chunk):
         last = min(first + blocks_per_chunk, n_blocks)
-        chunk = packed[first * BLOCK_SIZE // 2 : last * BLOCK_SIZE // 2]
-        indices = torch.stack([chunk >> 4, chunk & 0xF], dim=-1).reshape(-1).long()  # (b * 64,) high nibble first
-        values = levels[indices].view(last - first, BLOCK_SIZE) * scales[first:last, None]  # (b, 64)
+        chunk = packed[first * BLOCK_SIZE // 2 : last * BLOCK_SIZE // 2]  # (b * 32,) bytes
+        pairs = byte_levels[chunk.int()]  # (b * 32, 2): the high nibble's level first
+        values = pairs.view(last - first, BLOCK_SIZE) * scales[first:last, None]  # (b, 64)
         out[first * BLOCK_SIZE : last * BLOCK_SIZE] = values.reshape(-1).to(dtype)
     return out[: math.prod(shape)].view(shape)
 
