@@ -165,6 +165,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="qlora_memory_"))
+    workdir.mkdir(parents=True, exist_ok=True)
     folder = workdir / "base"
     if not (folder / "config.json").exists():
         free = shutil.disk_usage(workdir).free

@@ -127,7 +127,9 @@ def _quantize_scales(absmax: torch.Tensor, n_groups: int) -> tuple[torch.Tensor,
     centred = F.pad(absmax - mean, (0, n_groups * SCALE_BLOCK_SIZE - absmax.numel()))  # the last group, padded
     groups = centred.view(n_groups, SCALE_BLOCK_SIZE)  # (g, 256)
     group_absmax = groups.abs().amax(dim=1)  # (g,)
-    factor = 127.0 / group_absmax.clamp(min=1e-38)  # code = round(s * 127 / absmax), eq. 1 of the paper
+    # code = round(s * 127 / absmax), eq. 1 of the paper. A group of equal scales has absmax 0: its
+    # codes are 0 whatever the factor, which only has to stay finite.
+    factor = 127.0 / group_absmax.clamp(min=1e-30)
     codes = (groups * factor[:, None]).round().clamp(-127, 127).to(torch.int8)
     return codes.reshape(-1)[: absmax.numel()], group_absmax, mean
 
@@ -135,7 +137,7 @@ def _quantize_scales(absmax: torch.Tensor, n_groups: int) -> tuple[torch.Tensor,
 def dequantize_scales(nf4: NF4) -> torch.Tensor:
     """The block scales back in fp32: code / (127 / absmax) + mean. (n_blocks,)"""
     n_blocks = nf4.scale_codes.numel()
-    factor = 127.0 / nf4.scale_absmax.float().clamp(min=1e-38)  # the very division quantisation used
+    factor = 127.0 / nf4.scale_absmax.float().clamp(min=1e-30)  # the very division quantisation used
     group = torch.arange(n_blocks, device=nf4.scale_codes.device) // SCALE_BLOCK_SIZE
     return nf4.scale_codes.float() / factor[group] + nf4.scale_mean.float()
 

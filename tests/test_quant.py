@@ -186,6 +186,15 @@ def test_round_trip_error_is_at_most_half_a_level_gap_and_zero_blocks_stay_zero(
     assert 0.05 < relative < 0.12, relative  # NF4's error on near-normal weights: about 9%
 
 
+@pytest.mark.parametrize("w", [torch.zeros(4, 64), torch.full((1, 64), -0.5), torch.full((2, 64), 0.25)],
+                         ids=["all zero", "one block", "equal scales"])
+def test_degenerate_weights_come_back_exactly(w):
+    """Scales all equal: the centred scales are all 0, and so is their group's absmax."""
+    ours = quantize_nf4(w)
+    assert torch.isfinite(dequantize_scales(ours)).all()
+    assert torch.equal(dequantize_nf4(ours), w)  # +-absmax and 0 are levels, and the scale is the mean
+
+
 def test_dequantised_in_bf16_is_the_fp32_dequantisation_rounded_once():
     ours = quantize_nf4(weight((64, 256)))
     assert torch.equal(dequantize_nf4(ours, torch.bfloat16), dequantize_nf4(ours).to(torch.bfloat16))
