@@ -84,11 +84,20 @@ def _levels(device) -> torch.Tensor:
     return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
 
 
-def _byte_levels(device) -> torch.Tensor:
+_BYTE_LEVELS: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_levels(device: torch.device) -> torch.Tensor:
     """(256, 2): the two levels a byte packs, the high nibble's first. Dequantising is then one
-    gather per byte, where unpacking first costs two shifts, two gathers and an interleave."""
-    levels = _levels(device)
-    return torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)
+    gather per byte, where unpacking first costs two shifts, two gathers and an interleave.
+
+    Made once per device and kept: building it from Python numbers on a GPU is a copy from the
+    host, which would make every layer of every step wait for the GPU.
+    """
+    if device not in _BYTE_LEVELS:
+        levels = _levels(device)
+        _BYTE_LEVELS[device] = torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)
+    return _BYTE_LEVELS[device]
 
 
 @torch.no_grad()

@@ -288,8 +288,9 @@ def test_merge_into_dequantized_refuses_a_plain_lora_adapter(tmp_path):
 
 
 def test_fsdp_shards_the_nf4_base_and_trains_like_one_process(base_folder, tmp_path):
-    """2 ranks (gloo) x batch 2 x accumulation 2 against 1 process x batch 8: the packed codes and
-    scales are frozen integer parameters, sharded by fully_shard like any other."""
+    """2 ranks (gloo) x batch 2 x accumulation 2, with activation checkpointing, against 1 process
+    x batch 8: the packed codes and scales are frozen integer parameters, sharded by fully_shard
+    like any other (the ranks other than 0 build empty NF4 shells and receive rank 0's)."""
     import train_sft
     from test_distributed import torchrun
 
@@ -297,7 +298,7 @@ def test_fsdp_shards_the_nf4_base_and_trains_like_one_process(base_folder, tmp_p
 
     steps = ("--train.max_steps=3", "--checkpoint.every_steps=0", "--eval.every_steps=0", "--lora.dropout=0")
     torchrun("train_sft.py", qlora_args(base_folder, tmp_path / "fsdp", "--train.batch_size=2", "--train.grad_accum=2",
-                                        *steps))
+                                        "--train.activation_checkpointing=true", *steps))
     train_sft.main(qlora_args(base_folder, tmp_path / "single", "--train.batch_size=8", *steps))
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
     sharded, single = read_adapter_tensors(tmp_path / "fsdp" / "final"), read_adapter_tensors(tmp_path / "single" / "final")
