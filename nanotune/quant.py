@@ -57,6 +57,8 @@ NF4_LEVELS = (
 # Values per step of (de)quantisation: bounds the temporaries (indices, fp32 values) to a few MB
 # whatever the size of the weight.
 CHUNK = 1 << 20
+# Weight values per slab of rows that NF4LinearFunction dequantises and multiplies at once (8 MB in bf16).
+LINEAR_ROWS_CHUNK = 1 << 22
 
 
 @dataclass
@@ -231,27 +233,53 @@ def as_parameters(nf4: NF4) -> dict[str, torch.Tensor]:
 
 
 class NF4LinearFunction(torch.autograd.Function):
-    """y = x W^T, W dequantised from NF4 in the forward and again in the backward.
+    """y = x W^T, W dequantised from NF4 in the forward and again in the backward, a slab of rows at a time.
 
     What autograd would do by itself with `F.linear(x, dequantize(...))` is keep the dequantised
     W alive until the backward: a full-precision copy of every layer at the peak, the memory
     QLoRA exists to save. Here only the 4-bit tensors are saved (they are the parameters, not
     copies). W is frozen, so the backward gives the input's gradient alone: dL/dx = dL/dy W.
+    Within one call W is dequantised a slab of rows (`LINEAR_ROWS_CHUNK` values) at a time and
+    used at once, so not even one layer's W exists whole: the temporaries are a few MB of the
+    same sizes, which the allocator reuses (whole dequantised weights of tens of MB, allocated
+    and freed in every layer, leave glibc's heap holding memory it does not give back).
     """
 
     @staticmethod
     def forward(ctx, x, packed, scale_codes, scale_absmax, scale_mean, shape, dtype):
         ctx.save_for_backward(packed, scale_codes, scale_absmax, scale_mean)
         ctx.shape, ctx.dtype = shape, dtype
-        weight = dequantize_nf4(NF4(packed, scale_codes, scale_absmax, scale_mean, shape), dtype)  # (out, in)
-        return F.linear(x, weight)  # (..., in) -> (..., out); under autocast, in the autocast dtype
+        nf4 = NF4(packed, scale_codes, scale_absmax, scale_mean, shape)
+        scales = dequantize_scales(nf4)
+        # (..., in) -> (..., rows) per slab, then (..., out); under autocast in the autocast dtype
+        outputs = [F.linear(x, _dequantize_rows(nf4, scales, rows, dtype)) for rows in _row_slabs(shape)]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
     @staticmethod
     def backward(ctx, grad_output):
-        packed, scale_codes, scale_absmax, scale_mean = ctx.saved_tensors
-        weight = dequantize_nf4(NF4(packed, scale_codes, scale_absmax, scale_mean, ctx.shape), grad_output.dtype)
-        grad_input = grad_output @ weight  # (..., out) @ (out, in) -> (..., in)
+        nf4 = NF4(*ctx.saved_tensors, ctx.shape)
+        scales = dequantize_scales(nf4)
+        grad_input = None
+        for first, last in _row_slabs(ctx.shape):
+            weight = _dequantize_rows(nf4, scales, (first, last), grad_output.dtype)  # (rows, in)
+            part = grad_output[..., first:last] @ weight  # (..., rows) @ (rows, in) -> (..., in)
+            grad_input = part if grad_input is None else grad_input.add_(part)
         return grad_input, None, None, None, None, None, None
+
+
+def _row_slabs(shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """(first, last) row ranges of about LINEAR_ROWS_CHUNK values; a multiple of 64 rows starts on a block."""
+    out_features, in_features = shape
+    rows = max(BLOCK_SIZE, LINEAR_ROWS_CHUNK // in_features // BLOCK_SIZE * BLOCK_SIZE)
+    return [(first, min(first + rows, out_features)) for first in range(0, out_features, rows)]
+
+
+def _dequantize_rows(nf4: NF4, scales: torch.Tensor, rows: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Rows first..last-1 of the weight. (rows, in)"""
+    (first, last), in_features = rows, nf4.shape[1]
+    first_block, end_block = first * in_features // BLOCK_SIZE, math.ceil(last * in_features / BLOCK_SIZE)
+    packed = nf4.packed[first_block * BLOCK_SIZE // 2 : end_block * BLOCK_SIZE // 2]
+    return dequantize_blocks(packed, scales[first_block:end_block], (last - first, in_features), dtype)
 
 
 def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

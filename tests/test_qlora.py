@@ -344,3 +344,22 @@ def test_evaluation_of_the_qlora_model_equals_its_dequantised_copy(qlora_run):
     dense = evaluate_model(merged_copy(model), tokenizer, conversations, "llama2", **options)
     assert quantized["loss"] == pytest.approx(dense["loss"], abs=1e-5)
     assert (quantized["bleu4"], quantized["rougeL"]) == (dense["bleu4"], dense["rougeL"])
+
+
+def test_slabs_of_rows_give_the_one_slab_forward_and_input_gradient(monkeypatch):
+    """NF4LinearFunction multiplies a slab of rows at a time; 64-row slabs of a (200, 176) weight
+    (blocks across rows, a last slab of 8 rows) against the whole weight at once."""
+    from nanotune import quant
+
+    quantized, _ = lora_pair(in_features=176, out_features=200, bias=False)
+    x = torch.randn(5, 176, generator=torch.Generator().manual_seed(2))
+    results = []
+    for rows_chunk in (1 << 22, 64 * 176):
+        monkeypatch.setattr(quant, "LINEAR_ROWS_CHUNK", rows_chunk)
+        assert len(quant._row_slabs((200, 176))) == (1 if rows_chunk == 1 << 22 else 4)
+        xi = x.clone().requires_grad_(True)
+        y = quantized(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), xi.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=TOLERANCE, rtol=0)
