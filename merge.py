@@ -1,6 +1,7 @@
 """Fold LoRA adapters into base weights, and make or apply published weight deltas.
 
     python merge.py lora --base BASE --adapter ADAPTER --out OUT [--dtype bf16|fp16|fp32|...] [--max-shard-size 5GB]
+                         [--into-dequantized]
     python merge.py delta --base BASE --delta DELTA --out OUT
     python merge.py make-delta --base BASE --target TARGET --out DELTA
     each also takes --check SUMS (repeatable): verify inputs against published SHA-256 sums first
@@ -9,6 +10,15 @@
 `modules_to_save` tensors (embed_tokens / lm_head of an extended vocabulary...) in place of the
 base's; config.json from the base (vocab_size updated), tokenizer files from the adapter folder
 if it has them, else from the base.
+A QLoRA adapter (adapter_config.json records `base_model_quantization`) was trained against the
+NF4-dequantised weights; by default it is still folded into the full-precision base, as PEFT
+applies it when loaded over the original model: the output is an ordinary model at the base's
+precision with the update added unchanged, and it differs from what training computed by NF4's
+rounding of the base (about 10% of each weight's RMS for normal weights; README gives the effect
+on logits and loss). `--into-dequantized` folds it into dequantise(quantise(W)) instead, W read
+and quantised exactly as the training run did it (in every layer the run quantised, adapted or
+not), which gives back the model the adapter was trained with (in fp32; a bf16 run rounded
+those weights to bf16 as well).
 `delta`: OUT = BASE + DELTA tensor by tensor (as BELLE and PandaLLM publish their models: a
 patch for the original LLaMA). A delta with more embed_tokens / lm_head rows than the base (an
 extended vocabulary) is added to the base padded with zero rows. config.json and the tokenizer
@@ -58,6 +68,7 @@ from nanotune.checkpoint import (
 )
 from nanotune.data.records import DataError
 from nanotune.lora import PEFT_PREFIX, one_name_for_tied_embedding, read_adapter_config, read_adapter_tensors
+from nanotune.quant import BLOCK_SIZE, METHOD, SCALE_BLOCK_SIZE, dequantize_nf4, quantize_nf4
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
@@ -242,10 +253,15 @@ def verify_sha256sums(sums_file: str | Path, folders: list[Path]) -> None:
 
 
 def merge_lora_checkpoint(base: str | Path, adapter: str | Path, out: str | Path, dtype: torch.dtype | None = None,
-                          max_shard_size: str | int = "5GB") -> None:
-    """OUT = BASE with the adapter folded in: W + scale * B @ A, and `modules_to_save` replaced."""
+                          max_shard_size: str | int = "5GB", into_dequantized: bool = False) -> None:
+    """OUT = BASE with the adapter folded in: W + scale * B @ A, and `modules_to_save` replaced.
+
+    into_dequantized: for a QLoRA adapter, W is first quantised to NF4 and dequantised, as the
+    training run saw it, in every layer the run quantised (those without an adapter too).
+    """
     base, adapter, out = Path(base), Path(adapter), Path(out)
     adapter_config = read_adapter_config(adapter)
+    quantized = _quantized_weight_rule(adapter, adapter_config.base_quantization) if into_dequantized else None
     config = read_config_dict(base)
     reader = WeightReader(base)
     factors: dict[str, dict[str, torch.Tensor]] = {}  # base weight name -> {"A": (r, in), "B": (out, r)}
@@ -292,6 +308,8 @@ def merge_lora_checkpoint(base: str | Path, adapter: str | Path, out: str | Path
         if name in replacements:
             return replacements[name].to(out_dtype)
         weight = reader.get(name)
+        if quantized is not None and quantized(name, reader.shape[name]):
+            weight = dequantize_nf4(quantize_nf4(weight))  # fp32: what the NF4 layer computed with
         if name not in factors:
             return weight.to(out_dtype)
         compute = arithmetic_dtype(weight.dtype, out_dtype)
@@ -299,6 +317,24 @@ def merge_lora_checkpoint(base: str | Path, adapter: str | Path, out: str | Path
         return (weight.to(compute) + (B @ A) * adapter_config.scale).to(out_dtype)  # (out, in)
 
     write_model_folder(out, config, specs, get_tensor, max_shard_size, side_files(adapter, base), "merging LoRA")
+
+
+def _quantized_weight_rule(adapter: Path, record: dict | None):
+    """name, shape -> whether the QLoRA run held this base weight in NF4 (from adapter_config.json)."""
+    if not record:
+        raise MergeError(f"{adapter}: --into-dequantized needs a QLoRA adapter; its adapter_config.json has "
+                         f"no base_model_quantization (the base was not quantised)")
+    expected = {"method": METHOD, "block_size": BLOCK_SIZE, "scale_block_size": SCALE_BLOCK_SIZE}
+    if any(record.get(key) != value for key, value in expected.items()):
+        raise MergeError(f"{adapter}: base_model_quantization {record} is not nanotune's NF4 ({expected})")
+    targets = set(record.get("targets") or [])
+
+    def rule(name: str, shape: tuple) -> bool:
+        module = name.removesuffix(".weight")
+        return (name.startswith("model.layers.") and name.endswith(".weight") and len(shape) == 2
+                and module.rsplit(".", 1)[-1] in targets)
+
+    return rule
 
 
 def _fits(name: str, base_shape: tuple, other_shape: tuple, allow_more_rows: bool) -> bool:
@@ -424,6 +460,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sub.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB, 500MB (default 5GB)")
         sub.add_argument("--check", action="append", default=[], type=Path, metavar="SUMS",
                          help="verify input files against this SHA256SUMS first (repeatable)")
+        if command == "lora":
+            sub.add_argument("--into-dequantized", action="store_true",
+                             help="QLoRA adapter: fold into the NF4-dequantised base weights it was trained "
+                                  "against (default: into the full-precision base)")
     return parser.parse_args(argv)
 
 
@@ -436,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         verify_sha256sums(sums, list(inputs))
     dtype = parse_dtype(args.dtype) if args.dtype else None
     if args.command == "lora":
-        merge_lora_checkpoint(args.base, args.adapter, args.out, dtype, args.max_shard_size)
+        merge_lora_checkpoint(args.base, args.adapter, args.out, dtype, args.max_shard_size, args.into_dequantized)
     elif args.command == "delta":
         apply_delta(args.base, args.delta, args.out, dtype, args.max_shard_size)
     else:

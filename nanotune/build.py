@@ -77,8 +77,16 @@ def build_model(config: RunConfig, tokenizer: Tokenizer, on_meta: bool = False, 
     `on_meta`: build only the shapes, no weights. Ranks other than 0 of a distributed run do this;
     after sharding, rank 0's weights are broadcast into their shards, so no rank but one ever
     holds a full copy of the model in memory (`distributed.broadcast_weights_from_rank0`).
+
+    QLoRA (`lora.quantize_base = "nf4"`): the chosen linear layers are quantised to NF4 as the
+    checkpoint is read (quant.py), or right after a model built from scratch is initialised.
     """
     dtype = parse_dtype(config.model.dtype)
+    quantizer = None
+    if config.lora.quantize_base:
+        from .quant import QuantizeOnLoad
+
+        quantizer = QuantizeOnLoad(config.lora.quantize_targets, dtype)
     packed_attention = resolve_packed_attention(config.model.packed_attention, config.train.compile, device)
     options = dict(packed_attention=packed_attention, loss_chunk_tokens=config.model.loss_chunk_tokens)
     if config.model.path and on_meta:
@@ -86,7 +94,7 @@ def build_model(config: RunConfig, tokenizer: Tokenizer, on_meta: bool = False, 
             model = Llama(read_config(config.model.path), **options).to(dtype)
         old_tokenizer = _tokenizer_beside(config.model.path)
     elif config.model.path:
-        model = load_pretrained(config.model.path, dtype=dtype, **options)
+        model = load_pretrained(config.model.path, dtype=dtype, quantizer=quantizer, **options)
         old_tokenizer = _tokenizer_beside(config.model.path)
     else:
         shape = config.model
@@ -112,6 +120,14 @@ def build_model(config: RunConfig, tokenizer: Tokenizer, on_meta: bool = False, 
             model.init_weights(seed=config.seed)
         model.to(dtype)
         old_tokenizer = None
+    if quantizer is not None:
+        from .quant import unmatched_targets
+
+        quantizer.prepare(model)  # quantises a model built here (on meta: empty NF4 shells); a loaded one already is
+        unmatched = unmatched_targets(model, config.lora.quantize_targets)
+        if unmatched:
+            raise ConfigError(f"lora.quantize_targets: {unmatched} match no linear layer of the blocks "
+                              f"(names as in lora.targets, e.g. q_proj, or all-linear)")
     added = resize_token_embeddings(model, tokenizer, old_tokenizer)
     if added:
         log.info("vocabulary grown by %d rows to %d (tokenizer %s)", added, tokenizer.vocab_size, tokenizer.path)

@@ -93,13 +93,20 @@ def weight_files(path: str | os.PathLike) -> dict[Path, list[str] | None]:
 
 
 def iter_file_tensors(file: Path, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of one weight file, one tensor at a time for safetensors."""
+    """(name, tensor) of one weight file, one tensor at a time for safetensors.
+
+    The file is opened again for each tensor: a tensor read from an open file stays mapped to it,
+    and the pages of every tensor read would stay resident until the file is closed (a whole
+    shard, however many of its tensors were already converted or quantised and dropped).
+    """
     if file.suffix == ".safetensors":
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 names = list(f.keys())
-                for name in names:
-                    yield name, f.get_tensor(name)
+            for name in names:
+                with safe_open(str(file), framework="pt", device=str(device)) as f:
+                    tensor = f.get_tensor(name)
+                yield name, tensor
         except Exception as error:  # safetensors raises its own SafetensorError for bad files
             if isinstance(error, CheckpointError):
                 raise
@@ -126,12 +133,15 @@ def _is_tied_head(name: str, config: LlamaConfig) -> bool:
 
 
 def load_pretrained(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None, **options
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+    quantizer=None, **options
 ) -> Llama:
     """A `Llama` with the weights of a HF-format folder, in eval mode.
 
     dtype: convert every tensor to it (None keeps the dtype stored on disk). device: where the
     weights go (None = CPU). `options` are Llama's own (`packed_attention`, `loss_chunk_tokens`).
+    quantizer: `quant.QuantizeOnLoad` for QLoRA: the chosen linear weights are quantised to NF4
+    one by one as they are read, so their full-precision copies never exist together.
     Missing, unexpected and mis-shaped tensors are one error that lists them all, naming the folder.
     """
     path = Path(path)
@@ -139,6 +149,8 @@ def load_pretrained(
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = Llama(config, **options)
+        if quantizer is not None:
+            quantizer.prepare(model)  # the chosen linear layers become empty NF4 shells
     expected = expected_tensor_shapes(config)
     loaded, unexpected, wrong_shape = set(), [], []
     for file in weight_files(path):
@@ -157,7 +169,11 @@ def load_pretrained(
             if tensor.shape != expected[name]:
                 wrong_shape.append(f"{name}: {tuple(tensor.shape)} in {file.name}, model needs {tuple(expected[name])}")
                 continue
-            shard[name] = tensor.to(dtype) if dtype is not None else tensor
+            quantized = quantizer.convert(name, tensor) if quantizer is not None else None
+            if quantized is not None:
+                shard.update(quantized)  # the full-precision tensor is dropped here
+            else:
+                shard[name] = tensor.to(dtype) if dtype is not None else tensor
             loaded.add(name)
         model.load_state_dict(shard, strict=False, assign=True)
         del shard

@@ -252,6 +252,11 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # or ["all-linear"]
     modules_to_save: list[str] = field(default_factory=list)  # modules trained in full beside the adapters
     merge_final: bool = False  # also write the merged model to output_dir/final_merged
+    # QLoRA: "nf4" keeps the frozen base's linear layers in 4-bit NormalFloat (quant.py), quantised
+    # while the checkpoint is read; "" = the base in model.dtype. Embeddings, norms and lm_head
+    # always stay in model.dtype, which is also the dtype the NF4 weights dequantise to.
+    quantize_base: str = ""
+    quantize_targets: list[str] = field(default_factory=lambda: ["all-linear"])  # which block linears go to NF4
 
 
 @dataclass
@@ -703,6 +708,9 @@ def _validate_checkpoint_and_lora(config: RunConfig, check) -> None:
     check(lora.r >= 1, f"lora.r must be >= 1, not {lora.r}")
     check(math.isfinite(lora.alpha) and lora.alpha > 0, f"lora.alpha must be > 0, not {lora.alpha}")
     check(0.0 <= lora.dropout < 1.0, f"lora.dropout must be in [0, 1), not {lora.dropout}")
+    check(lora.quantize_base in ("", "nf4"), f"lora.quantize_base must be \"\" or nf4, not {lora.quantize_base!r}")
+    check(not lora.quantize_base or lora.enabled,
+          "lora.quantize_base = nf4 quantises a frozen base for LoRA (QLoRA), but lora.enabled = false")
     if lora.enabled:
         check(config.train.trainable == ["all"],
               f"train.trainable = {config.train.trainable} has no effect with LoRA (the adapters are what trains); "

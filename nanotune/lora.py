@@ -40,6 +40,7 @@ from torch import nn
 from .checkpoint import CheckpointError, iter_file_tensors, raise_on_mismatch
 from .data.records import DataError
 from .files import write_atomically, write_text_atomically
+from .quant import NF4Linear, NF4Weight, nf4_linear, quantization_record
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -70,6 +71,9 @@ class AdapterConfig:
     modules_to_save: list[str] = field(default_factory=list)
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA)
     base_model_name_or_path: str | None = None
+    # QLoRA: how the frozen base was quantised while the adapter trained (quant.quantization_record),
+    # saved as "base_model_quantization", a key PEFT ignores. None = a full-precision base.
+    base_quantization: dict | None = None
 
     @property
     def scale(self) -> float:
@@ -98,7 +102,7 @@ class AdapterConfig:
             "layers_pattern": None,
             "ensure_weight_tying": tied_embeddings_trained,
             "revision": None,
-        }
+        } | ({"base_model_quantization": self.base_quantization} if self.base_quantization else {})
 
 
 # Fields of a PEFT LoRA config that change the computation in ways nanotune does not implement,
@@ -147,6 +151,7 @@ def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
         modules_to_save=list(raw.get("modules_to_save") or []),
         use_rslora=bool(raw.get("use_rslora")),
         base_model_name_or_path=raw.get("base_model_name_or_path"),
+        base_quantization=raw.get("base_model_quantization"),
     )
 
 
@@ -170,14 +175,20 @@ class LoRALinear(nn.Module):
     `weight` and `bias` are the base layer's own Parameters (not copies), so their names and
     storage are unchanged; `lora_A` (in -> r) and `lora_B` (r -> out) are plain `nn.Linear`s.
     Dropout acts on the input of the update only, as in PEFT, so the base path stays exact.
+    QLoRA: over an `NF4Linear` the frozen `weight` is its 4-bit `NF4Weight` module (quant.py),
+    and the adapters are kept in at least fp32 (they and their optimizer state are small; a bf16
+    adapter would lose the small updates of a long run).
     """
 
-    def __init__(self, base: nn.Linear, r: int, scale: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear | NF4Linear, r: int, scale: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # (out, in), frozen by apply_lora
+        self.weight = base.weight  # (out, in), frozen by apply_lora; or an NF4Weight module
         self.register_parameter("bias", base.bias)  # (out,) or None
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        dtype = base.weight.dtype
+        if isinstance(base.weight, NF4Weight):  # QLoRA: adapters in full precision, whatever the compute dtype
+            dtype = torch.promote_types(dtype, torch.float32)
+        factory = dict(device=base.weight.device, dtype=dtype)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)  # weight (r, in)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # weight (out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -194,7 +205,10 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)  # (..., out)
+        if isinstance(self.weight, NF4Weight):
+            result = nf4_linear(x, self.weight, self.bias)  # (..., out), W dequantised for this call only
+        else:
+            result = F.linear(x, self.weight, self.bias)  # (..., out)
         if not self.adapters_enabled:
             return result
         x = x.to(self.lora_A.weight.dtype)  # adapters may be kept in higher precision than the base
@@ -272,7 +286,7 @@ def apply_lora(
     block_linears = {
         name: module
         for name, module in model.model.layers.named_modules(prefix="model.layers")
-        if isinstance(module, nn.Linear)
+        if isinstance(module, (nn.Linear, NF4Linear))
     }
     short_names = sorted({name.rsplit(".", 1)[-1] for name in block_linears})
     if targets == ALL_LINEAR:
@@ -303,6 +317,10 @@ def apply_lora(
     overlap = [name for name in chosen if any(name == m or name.startswith(m + ".") for m in save_modules)]
     if overlap:
         raise ValueError(f"{', '.join(overlap)} cannot be both a LoRA target and in modules_to_save")
+    quantized = [m for m in save_modules if any(isinstance(x, NF4Linear) for x in model.get_submodule(m).modules())]
+    if quantized:
+        raise ValueError(f"modules_to_save {', '.join(quantized)} hold NF4 weights, which cannot train; "
+                         f"leave them out of the quantized layers")
 
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -310,6 +328,7 @@ def apply_lora(
         r=r, alpha=alpha, dropout=dropout,
         targets=sorted({name.rsplit(".", 1)[-1] for name in chosen}) if targets == ALL_LINEAR else targets,
         modules_to_save=list(modules_to_save), use_rslora=use_rslora, base_model_name_or_path=base_model_name_or_path,
+        base_quantization=quantization_record(model),
     )
     for name in chosen:
         parent_name, child_name = name.rsplit(".", 1)
@@ -339,11 +358,30 @@ def _resolve_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def merged_weight(name: str, module: LoRALinear) -> torch.Tensor:
-    """W + scale * B @ A, summed in fp32 and cast to W's dtype. (out, in)"""
-    if _is_sharded(module.weight):
+    """W + scale * B @ A, summed in fp32 and cast to W's dtype. (out, in)
+
+    An NF4 base is dequantised first: this merges into the weights the adapter was trained
+    against (merge.py lora folds into the full-precision base instead, by default).
+    """
+    weight = module.weight
+    quantized = isinstance(weight, NF4Weight)
+    if _is_sharded(weight.packed if quantized else weight):
         raise ValueError(f"{name}: cannot merge sharded (FSDP) weights; save_adapter, then merge.py lora")
     update = (module.lora_B.weight.float() @ module.lora_A.weight.float()) * module.scale  # (out, r) @ (r, in)
-    return (module.weight.float() + update).to(module.weight.dtype)
+    base = weight.dequantize(torch.float32) if quantized else weight.float()
+    return (base + update).to(weight.dtype)
+
+
+def _dense_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Module name -> the plain weight a merged model holds there: every LoRA layer merged, every
+    NF4 layer without an adapter dequantised."""
+    weights = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            weights[name] = merged_weight(name, module)
+        elif isinstance(module, NF4Linear):
+            weights[name] = module.weight.dequantize()
+    return weights
 
 
 @torch.no_grad()
@@ -352,14 +390,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     Parameter names are unchanged, so `save_pretrained` then writes an ordinary HF checkpoint.
     The sum is formed in fp32 and cast to the weight's dtype: in bf16 an update smaller than half
-    a bf16 step of W is rounded away (see merge.py's notes). Afterwards every parameter trains
-    again, as in a freshly loaded model.
+    a bf16 step of W is rounded away (see merge.py's notes). NF4 layers (QLoRA) become plain
+    layers of their dequantised weights. Afterwards every parameter trains again, as in a freshly
+    loaded model.
     """
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, LoRALinear):
-            continue
+    for name, weight in _dense_weights(model).items():
+        module = model.get_submodule(name)
         merged = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        merged.weight = nn.Parameter(merged_weight(name, module))
+        merged.weight = nn.Parameter(weight)
         merged.bias = module.bias
         parent_name, child_name = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_name), child_name, merged)
@@ -376,14 +414,13 @@ def merged_copy(model: nn.Module) -> nn.Module:
     Only the merged weights are new tensors; every other parameter (embeddings, norms, untargeted
     layers) is shared with `model`, so the copy costs the memory of the targeted weights alone.
     Treat it as read-only (export it, evaluate it), and do not use it under FSDP (see merge_lora).
+    A QLoRA model's copy holds the dequantised weights (see merged_weight).
     """
     _require_lora(model)
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            state[f"{name}.weight"] = merged_weight(name, module)
+    state = {f"{name}.weight": weight for name, weight in _dense_weights(model).items()}
+    nf4_weights = {name for name, module in model.named_modules() if isinstance(module, NF4Weight)}
     for name, tensor in model.state_dict().items():
-        if ".lora_A." not in name and ".lora_B." not in name:
+        if ".lora_A." not in name and ".lora_B." not in name and name.rsplit(".", 1)[0] not in nf4_weights:
             state.setdefault(name, tensor.detach())
     with torch.device("meta"):
         copy = type(model)(model.config)
