@@ -24,6 +24,7 @@ and refuses sharded ones: save the adapter and merge offline with `merge.py lora
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -181,6 +182,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # weight (out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = scale
+        self.adapters_enabled = True  # False inside `adapters_disabled`: the base layer alone
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -193,12 +195,31 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self.weight, self.bias)  # (..., out)
+        if not self.adapters_enabled:
+            return result
         x = x.to(self.lora_A.weight.dtype)  # adapters may be kept in higher precision than the base
         update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale  # (..., r) -> (..., out)
         return result + update.to(result.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.out_features}, scale={self.scale:g}"
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside the block every LoRA layer of `model` is its base layer alone: the model before any
+    adapter training, with no second copy (DPO's reference model). `modules_to_save` train in full
+    and are not switched off, so a reference made this way needs them empty."""
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    if not layers:
+        raise ValueError("the model has no LoRA adapter to switch off")
+    for layer in layers:
+        layer.adapters_enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.adapters_enabled = True
 
 
 # ----------------------------------------------------------------------------------------------
