@@ -23,9 +23,15 @@ Batches are LEFT padded: every prompt then ends in the last column, so the next 
 is read from the same place and every row appends its new token to the same cache slot. The
 padding is hidden from attention (`KVCache.set_padding`) and positions count real tokens only, so
 a row's tokens come out the same as when it is generated alone.
+
+Sampling draws from one `torch.Generator` shared by the rows, or from one generator per row (a
+list): then a row's tokens depend on its own generator only, not on which other rows share its
+batch, which is what lets GRPO sample a prompt's completions alike on any number of ranks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -68,14 +74,20 @@ def generate_batch(
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
     eos_id: int | list[int] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     pad_id: int = 0,
+    all_ranks_finished: Callable[[bool], bool] | None = None,
 ) -> list[list[int]]:
     """`generate` for several prompts at once, left-padded with `pad_id`; one list of new tokens each.
 
     Each row stops at its own EOS (finished rows keep riding along, fed `pad_id`, until every row
     is done or the limit is reached). Greedy output equals generating each prompt alone; sampled
-    output does not, because the rows share one random stream.
+    output does too when `generator` is a list of one generator per row, not when the rows
+    share one random stream.
+
+    `all_ranks_finished`: for a model sharded with FSDP, where every forward is a collective and
+    every rank must run as many as the others: it turns "all of this rank's rows are done" into
+    "all rows of every rank are done", and decoding stops only then.
 
     Runs under `torch.inference_mode` with the model in eval mode (its previous mode is restored),
     on the model's device and dtype.
@@ -94,17 +106,19 @@ def generate_batch(
         with torch.inference_mode():
             return _generate_batch(
                 model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                _stop_ids(eos_id), generator, pad_id,
+                _stop_ids(eos_id), generator, pad_id, all_ranks_finished,
             )
     finally:
         model.train(was_training)
 
 
 def _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                    stop_ids, generator, pad_id) -> list[list[int]]:
+                    stop_ids, generator, pad_id, all_ranks_finished) -> list[list[int]]:
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
     B = len(prompts)
+    if isinstance(generator, (list, tuple)) and len(generator) != B:
+        raise ValueError(f"{len(generator)} generators for {B} prompts: give one per prompt, or one for all")
     input_ids, attention_mask = left_pad(prompts, pad_id, device)  # (B, T) each
     T = input_ids.shape[1]
     # A row's positions count its real tokens only: padding to the left does not move them.
@@ -132,7 +146,10 @@ def _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, r
             seen[torch.arange(B, device=device), token] = True
         finished |= torch.isin(token, stop)
         # One host sync per token, to stop as soon as every row is done.
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1:
+            break
+        done = bool(finished.all())
+        if all_ranks_finished(done) if all_ranks_finished else done:
             break
         logits = model(token[:, None], position_ids=next_position, kv_cache=cache)[:, -1]  # (B, V)
         next_position = next_position + 1
@@ -159,9 +176,11 @@ def choose_next_token(
     top_k: int | None,
     top_p: float | None,
     repetition_penalty: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[torch.Generator] | None,
 ) -> torch.Tensor:
-    """logits (B, V) of the next position -> the chosen token ids (B,), in transformers' order."""
+    """logits (B, V) of the next position -> the chosen token ids (B,), in transformers' order.
+
+    `generator` a list: row b draws from generator[b] alone (one small draw per row)."""
     logits = logits.float()  # (B, V); bf16 logits would make near-ties and probabilities coarse
     if repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
@@ -173,6 +192,8 @@ def choose_next_token(
     if top_p is not None and top_p < 1.0:
         logits = apply_top_p(logits, top_p)
     probabilities = logits.softmax(dim=-1)  # (B, V)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in zip(probabilities, generator)])
     return torch.multinomial(probabilities, num_samples=1, generator=generator).squeeze(1)
 
 

@@ -124,6 +124,30 @@ def test_sampling_with_a_fixed_seed_is_reproducible(model_and_hf):
     assert sample(7) != sample(8)  # 24 draws from a near-uniform distribution: never all equal
 
 
+def test_one_generator_per_row_samples_a_prompt_alike_in_any_batch(model_and_hf):
+    """Row b draws from generator b alone: the same prompt and seed give the same tokens whether
+    the prompt is sampled alone, first or last in a batch, or with decoding kept going for other
+    ranks (`all_ranks_finished` saying no until the limit)."""
+    model, _ = model_and_hf
+
+    def generators(seeds):
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    settings = dict(temperature=1.0, top_p=0.9, eos_id=[2, 7])
+    alone = [generate_batch(model, [prompt], MAX_NEW, generator=generators([10 + i]), **settings)[0]
+             for i, prompt in enumerate(PROMPTS)]
+    together = generate_batch(model, PROMPTS, MAX_NEW, generator=generators([10, 11, 12, 13]), **settings)
+    reversed_batch = generate_batch(model, PROMPTS[::-1], MAX_NEW, generator=generators([13, 12, 11, 10]), **settings)
+    calls = []
+    kept_going = generate_batch(model, PROMPTS, MAX_NEW, generator=generators([10, 11, 12, 13]), **settings,
+                                all_ranks_finished=lambda done: calls.append(done) or False)
+    assert together == alone and reversed_batch[::-1] == alone and kept_going == alone
+    assert len(calls) == MAX_NEW - 1  # asked after every token but the last
+    assert len({tuple(tokens) for tokens in alone}) > 1
+    with pytest.raises(ValueError, match="2 generators for 4 prompts"):
+        generate_batch(model, PROMPTS, MAX_NEW, generator=generators([1, 2]), temperature=1.0)
+
+
 def test_top_k_1_sampling_equals_greedy(model_and_hf):
     model, _ = model_and_hf
     for prompt in PROMPTS:
