@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import torch
 
+from .distributed import is_sharded
 from .model import KVCache, Llama
 
 
@@ -89,8 +90,8 @@ def generate_batch(
     every rank must run as many as the others: it turns "all of this rank's rows are done" into
     "all rows of every rank are done", and decoding stops only then.
 
-    Runs under `torch.inference_mode` with the model in eval mode (its previous mode is restored),
-    on the model's device and dtype.
+    Runs under `torch.inference_mode` (`no_grad` for an FSDP-sharded model) with the model in eval
+    mode (its previous mode is restored), on the model's device and dtype.
     """
     check_sampling_options(temperature, top_k, top_p, repetition_penalty)
     for i, prompt in enumerate(prompts):
@@ -102,8 +103,11 @@ def generate_batch(
         return [[] for _ in prompts]
     was_training = model.training
     model.eval()
+    # FSDP2 all-gathers parameters into buffers it reuses when training; buffers written under
+    # inference_mode could never be written again outside it, so a sharded model samples under no_grad.
+    no_grad = torch.no_grad() if is_sharded(model) else torch.inference_mode()
     try:
-        with torch.inference_mode():
+        with no_grad:
             return _generate_batch(
                 model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                 _stop_ids(eos_id), generator, pad_id, all_ranks_finished,

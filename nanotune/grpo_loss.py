@@ -71,13 +71,13 @@ def clipped_policy_term(logprobs, old_logprobs, advantages, epsilon_low: float, 
     return -torch.min(ratio * A, clipped * A), ratio
 
 
-def token_weights(mask: torch.Tensor, normalization: str) -> torch.Tensor:
+def token_weights(mask: torch.Tensor, normalization: str, dtype=torch.float32) -> torch.Tensor:
     """(B, T): the weight of each completion token in the loss sum, before the global division.
 
     dapo: 1 per completion token. sequence: 1 / (the completion's token count), so each
     completion's weights add up to 1. Prompt and padding positions (mask False) weigh 0.
     """
-    mask = mask.float()
+    mask = mask.to(dtype)
     if normalization == "dapo":
         return mask
     return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
@@ -119,7 +119,7 @@ def grpo_loss_sum(
     if beta > 0:
         kl = k3_kl(logprobs, ref_logprobs)  # (B, T)
         per_token = per_token + beta * kl
-    weights = token_weights(mask, normalization)  # (B, T)
+    weights = token_weights(mask, normalization, per_token.dtype)  # (B, T)
     loss_sum = (per_token * weights).sum()
 
     A = advantages[:, None]
