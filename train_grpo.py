@@ -1,6 +1,6 @@
 """Online RL with verifiable rewards (GRPO): sample completions of prompts, score them, reinforce.
 
-    python train_grpo.py --config configs/tiny_grpo.toml
+    python train_grpo.py --config examples/arith_grpo/grpo.toml   # after stages 1-4 of its run.sh
     python train_grpo.py --config grpo.toml --model.path runs/sft/final --grpo.rewards='["exact_number"]'
     torchrun --nproc_per_node 8 train_grpo.py --config grpo.toml
 

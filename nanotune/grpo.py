@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,40 +416,45 @@ class GRPOWindow:
             torch.cuda.synchronize(device)
         self.host["training_seconds"] += time.perf_counter() - started
 
+    def totals(self) -> dict:
+        """Every sum of the window added over the ranks (one all-reduce of one float64 vector): a
+        float each, an array for the per-function score sums."""
+        parts = {"loss_sum": self.loss_sum, **self.sums, "score_sum": self.score_sum,
+                 "score_squares": self.score_squares, "not_binary": self.not_binary, **self.host}
+        flat = [torch.as_tensor(value, dtype=torch.float64).reshape(-1).to(self.run.device) for value in parts.values()]
+        reduced = distributed.all_reduce_sum(torch.cat(flat), self.run).cpu().numpy()
+        sizes = np.cumsum([0] + [len(part) for part in flat])
+        return {name: reduced[start:end] if isinstance(parts[name], np.ndarray) else float(reduced[start])
+                for name, start, end in zip(parts, sizes[:-1], sizes[1:])}
+
     def summary(self) -> dict:
         run, n = self.run, len(self.rewards)
-        device_sums = torch.stack([self.loss_sum, *self.sums.values()]).double()
-        host_sums = torch.tensor([*self.score_sum, *self.score_squares, *self.not_binary, *self.host.values()],
-                                 dtype=torch.float64)
-        totals = distributed.all_reduce_sum(torch.cat([device_sums.to(run.device), host_sums.to(run.device)]), run).cpu()
-        loss_sum, clipped, tokens, kl, entropy = totals[:5].tolist()
-        k = 5
-        score_sum, score_squares, not_binary = (totals[k + i * (n + 1) : k + (i + 1) * (n + 1)].numpy() for i in range(3))
-        host = dict(zip(self.host, totals[k + 3 * (n + 1) :].tolist()))
-        completions = max(host["completions"], 1.0)
-        mean = score_sum / completions
-        std = np.sqrt(np.maximum(score_squares / completions - mean ** 2, 0.0))
+        totals = self.totals()
+        completions, tokens = max(totals["completions"], 1.0), max(totals["tokens"], 1.0)
+        mean = totals["score_sum"] / completions  # (functions + 1,): the weighted total last
+        std = np.sqrt(np.maximum(totals["score_squares"] / completions - mean ** 2, 0.0))
         record = {
-            "loss": loss_sum / max(self.units.item(), 1.0),  # units summed over ranks and passes already
+            "loss": totals["loss_sum"] / max(self.units.item(), 1.0),  # units: summed over ranks and passes already
             "reward": float(mean[n]), "reward_std": float(std[n]),
         }
         for i, reward in enumerate(self.rewards):
             record[f"reward_{reward.name}"] = float(mean[i])
             record[f"reward_{reward.name}_std"] = float(std[i])
-            if not_binary[i] == 0:
+            if totals["not_binary"][i] == 0:
                 record[f"accuracy_{reward.name}"] = float(mean[i])
         record |= {
-            "frac_flat_groups": host["flat_groups"] / max(host["groups"], 1.0),  # groups that teach nothing
-            "completion_length": host["completion_tokens"] / completions,
-            "truncated_fraction": host["truncated"] / completions,
-            "clip_fraction": clipped / max(tokens, 1.0),
-            "entropy": entropy / max(tokens, 1.0),
+            "frac_flat_groups": totals["flat_groups"] / max(totals["groups"], 1.0),  # groups that teach nothing
+            "completion_length": totals["completion_tokens"] / completions,
+            "truncated_fraction": totals["truncated"] / completions,
+            "clip_fraction": totals["clipped"] / tokens,
+            "entropy": totals["entropy"] / tokens,
         }
         if self.has_kl:
-            record["kl"] = kl / max(tokens, 1.0)
+            record["kl"] = totals["kl"] / tokens
         record["grad_norm"] = (self.grad_norm_sum / max(self.updates, 1)).item()
-        # tokens per second of wall time, all ranks together (each rank's seconds run side by side)
-        record["sampling_tokens_per_s"] = host["completion_tokens"] / max(host["sampling_seconds"] / run.world_size, 1e-9)
-        record["train_tokens_per_s"] = host["training_tokens"] / max(host["training_seconds"] / run.world_size, 1e-9)
+        # tokens per second of wall time, all ranks together (the ranks' seconds run side by side)
+        seconds_per_rank = {name: max(totals[f"{name}_seconds"] / run.world_size, 1e-9) for name in ("sampling", "training")}
+        record["sampling_tokens_per_s"] = totals["completion_tokens"] / seconds_per_rank["sampling"]
+        record["train_tokens_per_s"] = totals["training_tokens"] / seconds_per_rank["training"]
         self.reset()
         return record

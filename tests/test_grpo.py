@@ -364,3 +364,12 @@ def test_bad_prompt_records_and_bad_grpo_values_are_one_line(workspace, tmp_path
     assert result.stderr.strip().splitlines()[-1] == (
         "error: grpo.group_size must be >= 2 (advantages compare completions of one prompt), not 1")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_example_configs_load():
+    from nanotune.config import PromptDataConfig, SFTDataConfig, load_config
+
+    grpo = load_config(["--config", str(ROOT / "examples" / "arith_grpo" / "grpo.toml")], PromptDataConfig)
+    assert grpo.grpo.rewards == ["exact_number"] and grpo.grpo.group_size == 8
+    sft = load_config(["--config", str(ROOT / "examples" / "arith_grpo" / "sft.toml")], SFTDataConfig)
+    assert sft.data.template == grpo.data.template == "base"  # GRPO prompts are laid out as SFT's were
