@@ -5,7 +5,9 @@
 
     sft.jsonl        demonstrations {"messages": [user "47 + 8", assistant "55"]} from a *sloppy
                      teacher*: where the units digits carry, it forgets the carry (writes 45 for
-                     47 + 8) 60% of the time. SFT imitates the teacher, mistakes included.
+                     47 + 8) 60% of the time. Each of its 400 sums is demonstrated 5 times, the
+                     teacher erring independently each time, so SFT learns the teacher's habit
+                     (mostly wrong on a carry, sometimes right), not one fixed answer per sum.
     grpo.jsonl       prompts {"prompt": "47 + 8", "answer": "55"}: the true sums, read only by the
                      reward function (exact_number), never shown to the model as text
     heldout.jsonl    prompts of the same kind for the before/after accuracy, no pair shared with
@@ -28,6 +30,7 @@ from pathlib import Path
 
 FORGET_CARRY = 0.6  # the teacher's share of wrong answers on sums whose units digits carry
 N_HELDOUT, N_GRPO = 200, 300  # and the other 400 sums are demonstrated
+DEMONSTRATIONS_PER_SUM = 5
 
 
 def teacher_answer(a: int, b: int, rng: random.Random) -> int:
@@ -56,12 +59,12 @@ def main(argv=None):
 
     write("sft.jsonl", [json.dumps({"messages": [{"role": "user", "content": f"{a} + {b}"},
                                                  {"role": "assistant", "content": str(teacher_answer(a, b, rng))}]})
-                        for a, b in sft])
+                        for a, b in sft for _ in range(DEMONSTRATIONS_PER_SUM)])
     for name, chosen in (("grpo.jsonl", grpo), ("heldout.jsonl", heldout)):
         write(name, [json.dumps({"prompt": f"{a} + {b}", "answer": str(a + b)}) for a, b in chosen])
     write("corpus.txt", [f"{a} + {b}\n{a + b}" for a, b in pairs])
     carries = sum((a % 10) + (b % 10) >= 10 for a, b in heldout)
-    print(f"wrote {args.out}: {len(sft)} demonstrations, {len(grpo)} GRPO prompts, {len(heldout)} held-out "
+    print(f"wrote {args.out}: {len(sft) * DEMONSTRATIONS_PER_SUM} demonstrations of {len(sft)} sums, {len(grpo)} GRPO prompts, {len(heldout)} held-out "
           f"({carries} of them with a carry)")
 
 
