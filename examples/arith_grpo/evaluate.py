@@ -51,12 +51,15 @@ def main(argv=None):
     config.eval.batch_size = 100
     rewards = load_rewards(config.grpo)
     records = encode_prompt_records(read_prompt_records([args.prompts]), tokenizer, TEMPLATE, 64)
-    figures = {}
-    for name, chosen in (("all", records), ("carry", [r for r in records if has_carry(r.prompt)]),
+    figures, correct = {}, 0.0
+    for name, chosen in (("carry", [r for r in records if has_carry(r.prompt)]),
                          ("no_carry", [r for r in records if not has_carry(r.prompt)])):
         result = evaluate_prompts(model, chosen, rewards, config, Run(), tokenizer, stop_ids)
         figures[f"accuracy_{name}"] = 100 * result["eval_exact_number"]
         figures[f"n_{name}"] = result["eval_prompts"]
+        correct += result["eval_exact_number"] * result["eval_prompts"]
+    figures["n_all"] = figures["n_carry"] + figures["n_no_carry"]
+    figures["accuracy_all"] = 100 * correct / figures["n_all"]
     print(json.dumps(figures))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
