@@ -6,7 +6,7 @@ How a token is made (the gpt-fast recipe, in plain PyTorch):
 1. Allocate one `KVCache` for prompt + `max_new_tokens` tokens, before the first forward, so
    nothing is concatenated or re-allocated while decoding.
 2. Prefill: one forward over the whole prompt fills the cache and gives the logits of the first
-   new token.
+   new token (the lm_head on the last position only).
 3. Decode: one forward per new token, of that token alone (T = 1), attending to everything cached.
    Without the cache every step would run the whole sequence again (`decode_without_cache`, the
    slow reference the tests hold the fast path to).
@@ -130,7 +130,7 @@ def _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, r
 
     cache = KVCache(model.config, B, T + max_new_tokens, device=device, dtype=dtype)
     cache.set_padding(attention_mask)
-    logits = model(input_ids, position_ids=position_ids, kv_cache=cache)[:, -1]  # (B, V) prefill
+    logits = prefill(model, input_ids, position_ids, cache)  # (B, V)
     next_position = position_ids[:, -1:] + 1  # (B, 1)
 
     seen = None  # (B, V) bool: tokens of prompt + output, for the repetition penalty
@@ -160,6 +160,17 @@ def _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, r
 
     outputs = torch.stack(new_tokens, dim=1).tolist()  # (B, n) -> lists
     return [_cut_after_stop(row, set(stop_ids)) for row in outputs]
+
+
+def prefill(model: Llama, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One forward over the prompts (B, T) that fills the cache; the logits (B, V) of the next token.
+
+    Only the last position's logits are wanted, so the lm_head runs on that position alone: on the
+    whole prompt it would be the largest matmul of generation (T x V per row) for nothing
+    (transformers' `logits_to_keep=1`; see benchmarks/grpo_sampling.py).
+    """
+    hidden = model.hidden_states(input_ids, position_ids=position_ids, kv_cache=cache)  # (B, T, C)
+    return model.lm_head(hidden[:, -1])  # (B, V)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
