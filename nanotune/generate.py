@@ -195,7 +195,7 @@ def choose_next_token(
 ) -> torch.Tensor:
     """logits (B, V) of the next position -> the chosen token ids (B,), in transformers' order.
 
-    `generator` a list: row b draws from generator[b] alone (one small draw per row)."""
+    `generator` a list: row b draws from generator[b] alone (`sample_per_row`)."""
     logits = logits.float()  # (B, V); bf16 logits would make near-ties and probabilities coarse
     if repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
@@ -208,8 +208,22 @@ def choose_next_token(
         logits = apply_top_p(logits, top_p)
     probabilities = logits.softmax(dim=-1)  # (B, V)
     if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in zip(probabilities, generator)])
+        return sample_per_row(probabilities, generator)
     return torch.multinomial(probabilities, num_samples=1, generator=generator).squeeze(1)
+
+
+def sample_per_row(probabilities: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """probabilities (B, V) -> one token per row (B,), row b drawn with generators[b] alone.
+
+    Inverse-CDF sampling: each generator draws one uniform number (B tiny draws, not B draws over
+    the vocabulary), and one batched cumsum + searchsorted turns them into tokens. A token of
+    probability 0 (cut by top-k or top-p) is never chosen: its CDF step is empty.
+    """
+    uniforms = torch.cat([torch.rand(1, generator=g, device=probabilities.device) for g in generators])  # (B,)
+    cdf = probabilities.cumsum(dim=-1)  # (B, V)
+    targets = (uniforms * cdf[:, -1])[:, None]  # (B, 1), below the row's total
+    tokens = torch.searchsorted(cdf, targets, right=True).squeeze(1)  # first index whose CDF exceeds it
+    return tokens.clamp(max=probabilities.shape[-1] - 1)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ from nanotune.generate import (
     decode_without_cache,
     generate,
     generate_batch,
+    sample_per_row,
 )
 
 PROMPTS = [[1, 5, 17, 33, 99, 4], [1, 9, 9], [1, 200, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1]]
@@ -146,6 +147,16 @@ def test_one_generator_per_row_samples_a_prompt_alike_in_any_batch(model_and_hf)
     assert len({tuple(tokens) for tokens in alone}) > 1
     with pytest.raises(ValueError, match="2 generators for 4 prompts"):
         generate_batch(model, PROMPTS, MAX_NEW, generator=generators([1, 2]), temperature=1.0)
+
+
+def test_per_row_sampling_draws_from_the_distribution_and_never_a_zero_probability_token():
+    probabilities = torch.tensor([[0.2, 0.0, 0.5, 0.0, 0.3]]).expand(20000, 5)  # (B, V), one row per draw
+    generators = [torch.Generator().manual_seed(i) for i in range(20000)]
+    counts = torch.bincount(sample_per_row(probabilities, generators), minlength=5) / 20000
+    assert counts[1] == 0 and counts[3] == 0
+    torch.testing.assert_close(counts, probabilities[0], atol=0.015, rtol=0)  # 3 sigma of 20000 draws is ~0.011
+    again = sample_per_row(probabilities[:50], [torch.Generator().manual_seed(i) for i in range(50)])
+    assert torch.equal(again, sample_per_row(probabilities[:50], [torch.Generator().manual_seed(i) for i in range(50)]))
 
 
 def test_top_k_1_sampling_equals_greedy(model_and_hf):
