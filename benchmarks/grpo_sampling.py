@@ -12,10 +12,13 @@ times each, so a slow drift of the machine's load touches all alike:
 
     nanotune          generate_batch, one generator for the batch
     nanotune per-row  generate_batch, one generator per row (what train_grpo uses: reproducible
-                      whatever the batch; one multinomial per row per token)
+                      whatever the batch; inverse-CDF sampling from one uniform per row, which
+                      on the CPU is also cheaper than torch.multinomial over the vocabulary)
     transformers      LlamaForCausalLM.generate(do_sample=True), SDPA attention, its default cache
 
-Prints new tokens per second for every run, the median and the spread (min-max) of each, the ratio
+On a shared CPU, `--threads 1` measures both libraries on one thread each: with more threads than
+free cores every small op waits for a descheduled thread, and the figures say more about the
+machine's load than about either library. Prints new tokens per second for every run, the median and the spread (min-max) of each, the ratio
 of medians, the load average before and after, and the machine.
 """
 
