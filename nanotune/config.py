@@ -172,6 +172,53 @@ class RewardConfig:
 
 
 @dataclass
+class PromptDataConfig:
+    """Prompts for online RL (train_grpo.py): JSON/JSONL records holding `messages` (a conversation
+    that ends with a user turn) or a `prompt` string (one user turn), rendered with a chat template
+    up to the assistant's header. Every other field of a record (`answer`, ...) is handed to the
+    reward functions."""
+
+    train_files: list[str] = field(default_factory=list)
+    valid_files: list[str] = field(default_factory=list)  # held-out prompts: greedy completions, scored
+    valid_fraction: float = 0.0  # hold out this fraction of the prompts when valid_files is empty
+    template: str = "llama2"  # a name in data/templates.py, or "auto" (as for SFT)
+    template_check: bool = True
+    max_prompt_length: int = 512  # tokens; a longer prompt is dropped, and the drops counted
+    skip_invalid: bool = False  # skip (and count) records that are not prompts, instead of stopping
+
+
+@dataclass
+class GRPOConfig:
+    """train_grpo.py: sampling, rewards, advantages and the clipped policy-gradient loss (grpo.py).
+
+    A step takes `train.batch_size` prompts per rank per micro-batch, `train.grad_accum`
+    micro-batches, and samples `group_size` completions of each: the global batch is
+    batch_size x grad_accum x ranks prompts, times group_size completions.
+    """
+
+    group_size: int = 8  # completions sampled per prompt; its advantages are relative to the group
+    max_new_tokens: int = 256  # completion length limit (tokens)
+    temperature: float = 1.0  # > 0: a group of greedy completions would all be the same
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    # Reward functions: built-in names (rewards.py: exact_number, format, char_overlap) or user
+    # callables "module:function" / "path/to/file.py:function"; summed with reward_weights.
+    rewards: list[str] = field(default_factory=lambda: ["exact_number"])
+    reward_weights: list[float] = field(default_factory=list)  # empty = 1.0 each
+    format_pattern: str = ""  # the `format` reward's regular expression (empty: rewards.DEFAULT_FORMAT)
+    scale_rewards: bool = True  # divide advantages by the group's std; false = Dr. GRPO
+    std_eps: float = 1e-4  # added to the std before dividing (a group of equal rewards has std 0)
+    epsilon_low: float = 0.2  # the ratio is clipped to [1 - epsilon_low, 1 + epsilon_high]
+    epsilon_high: float = 0.2  # DAPO's "clip higher" raises it (0.28)
+    num_iterations: int = 1  # optimisation passes (optimizer steps) over each batch of samples
+    beta: float = 0.0  # weight of the k3 KL estimate to the reference; 0 = no reference is held
+    reference: str = "auto"  # auto (LoRA off with LoRA, else a frozen copy) | lora | copy
+    # dapo: every completion token of the global batch weighs the same (TRL's "dapo");
+    # sequence: each completion's token mean, then the mean over completions (TRL's "grpo")
+    loss_normalization: str = "dapo"
+
+
+@dataclass
 class TrainConfig:
     """How the model trains: batches, steps, device, precision, what trains."""
 
@@ -272,13 +319,14 @@ class DistributedConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a training run needs. `data` is PretrainDataConfig or SFTDataConfig."""
+    """Everything a training run needs. `data` is the entry point's: pretraining, SFT, preference pairs or prompts."""
 
     output_dir: str = "runs/default"  # where config, metrics, checkpoints and final/ go
     seed: int = 0  # initial weights, data order, dropout
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: PretrainDataConfig | SFTDataConfig | PreferenceDataConfig = field(default_factory=PretrainDataConfig)
+    data: PretrainDataConfig | SFTDataConfig | PreferenceDataConfig | PromptDataConfig = field(
+        default_factory=PretrainDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -288,6 +336,7 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,6 +479,9 @@ HF_NAMES = {
     "train_file": ["data.train_files"], "validation_file": ["data.valid_files"],
     "lora_r": ["lora.r"], "lora_alpha": ["lora.alpha"], "lora_dropout": ["lora.dropout"],
     "target_modules": ["lora.targets"], "use_lora": ["lora.enabled"],
+    "num_generations": ["grpo.group_size"], "max_completion_length": ["grpo.max_new_tokens"],
+    "max_prompt_length": ["data.max_prompt_length"], "reward_funcs": ["grpo.rewards"],
+    "loss_type": ["grpo.loss_normalization"], "epsilon": ["grpo.epsilon_low"],
 }
 
 
@@ -591,6 +643,13 @@ def validate(config: RunConfig) -> None:
               f"data.format {data.format!r} is not auto or one of {', '.join(PREFERENCE_READERS)}")
         check(data.max_length >= 2, f"data.max_length must be >= 2 (tokens of prompt + reply), not {data.max_length}")
         _validate_preference(config, check)
+    elif isinstance(data, PromptDataConfig):
+        from .data.templates import TEMPLATES
+
+        check(data.template == "auto" or data.template in TEMPLATES,
+              f"data.template {data.template!r} is not one of {', '.join(TEMPLATES)} or auto")
+        check(data.max_prompt_length >= 1, f"data.max_prompt_length must be >= 1, not {data.max_prompt_length}")
+        _validate_grpo(config, check)
     else:
         check(data.txt_mode in ("line", "paragraph"), f"data.txt_mode must be line or paragraph, not {data.txt_mode!r}")
         check(data.seq_len >= 1, f"data.seq_len must be >= 1 (tokens per block), not {data.seq_len}")
@@ -629,6 +688,38 @@ def _validate_preference(config: RunConfig, check) -> None:
               f"lora.modules_to_save = {config.lora.modules_to_save} train in full, so switching the adapters off "
               "does not give the starting model: set dpo.reference = copy or precomputed")
     check(math.isfinite(config.reward.margin), f"reward.margin must be a finite number, not {config.reward.margin}")
+
+
+def _validate_grpo(config: RunConfig, check) -> None:
+    grpo = config.grpo
+    check(config.train.mixed_precision != "fp16",
+          "train.mixed_precision = fp16 is not supported by GRPO (its loss scaler); use bf16 or auto")
+    check(grpo.group_size >= 2, f"grpo.group_size must be >= 2 (advantages compare completions of one prompt), "
+          f"not {grpo.group_size}")
+    check(grpo.max_new_tokens >= 1, f"grpo.max_new_tokens must be >= 1, not {grpo.max_new_tokens}")
+    check(math.isfinite(grpo.temperature) and grpo.temperature > 0,
+          f"grpo.temperature must be > 0 (greedy completions of one prompt would all be the same), not {grpo.temperature}")
+    check(0 < grpo.top_p <= 1, f"grpo.top_p must be in (0, 1], not {grpo.top_p}")
+    check(grpo.top_k >= 0, f"grpo.top_k must be >= 0 (0 = off), not {grpo.top_k}")
+    check(len(grpo.rewards) >= 1, "grpo.rewards is empty: name at least one reward function")
+    check(not grpo.reward_weights or len(grpo.reward_weights) == len(grpo.rewards),
+          f"grpo.reward_weights has {len(grpo.reward_weights)} weights for {len(grpo.rewards)} reward functions")
+    check(all(math.isfinite(w) for w in grpo.reward_weights), f"grpo.reward_weights must be finite, not {grpo.reward_weights}")
+    check(math.isfinite(grpo.std_eps) and grpo.std_eps >= 0, f"grpo.std_eps must be >= 0, not {grpo.std_eps}")
+    check(0 <= grpo.epsilon_low < 1, f"grpo.epsilon_low must be in [0, 1), not {grpo.epsilon_low}")
+    check(math.isfinite(grpo.epsilon_high) and grpo.epsilon_high >= 0, f"grpo.epsilon_high must be >= 0, not {grpo.epsilon_high}")
+    check(grpo.num_iterations >= 1, f"grpo.num_iterations must be >= 1, not {grpo.num_iterations}")
+    check(math.isfinite(grpo.beta) and grpo.beta >= 0, f"grpo.beta must be >= 0 (0 = no KL term), not {grpo.beta}")
+    check(grpo.reference in ("auto", "lora", "copy"), f"grpo.reference must be auto, lora or copy, not {grpo.reference!r}")
+    check(grpo.loss_normalization in ("dapo", "sequence"),
+          f"grpo.loss_normalization must be dapo or sequence, not {grpo.loss_normalization!r}")
+    if grpo.beta > 0 and grpo.reference == "lora":
+        check(config.lora.enabled, "grpo.reference = lora switches LoRA adapters off, but LoRA is not enabled; "
+              "use copy, or enable [lora]")
+    if grpo.beta > 0 and grpo.reference in ("lora", "auto") and config.lora.enabled:
+        check(not config.lora.modules_to_save,
+              f"lora.modules_to_save = {config.lora.modules_to_save} train in full, so switching the adapters off "
+              "does not give the starting model: set grpo.reference = copy")
 
 
 # What the optimizer, the schedule and the loop would reject later, with a traceback, or after

@@ -18,12 +18,12 @@ import torch
 
 from .build import build_model, configure_trainable, load_tokenizer
 from .cli import run_main, setup_logging
-from .config import PretrainDataConfig, SFTDataConfig, ConfigError, load_config
+from .config import ConfigError, PreferenceDataConfig, PretrainDataConfig, PromptDataConfig, SFTDataConfig, load_config
 from .distributed import Run
 from .safe_dcp import load_state_safely
 from .train import save_final
 
-DATA_CLASSES = (SFTDataConfig, PretrainDataConfig)
+DATA_CLASSES = (SFTDataConfig, PretrainDataConfig, PreferenceDataConfig, PromptDataConfig)
 
 
 def load_run_config(run_dir: Path):

@@ -6,7 +6,7 @@ How a token is made (the gpt-fast recipe, in plain PyTorch):
 1. Allocate one `KVCache` for prompt + `max_new_tokens` tokens, before the first forward, so
    nothing is concatenated or re-allocated while decoding.
 2. Prefill: one forward over the whole prompt fills the cache and gives the logits of the first
-   new token.
+   new token (the lm_head on the last position only).
 3. Decode: one forward per new token, of that token alone (T = 1), attending to everything cached.
    Without the cache every step would run the whole sequence again (`decode_without_cache`, the
    slow reference the tests hold the fast path to).
@@ -23,12 +23,19 @@ Batches are LEFT padded: every prompt then ends in the last column, so the next 
 is read from the same place and every row appends its new token to the same cache slot. The
 padding is hidden from attention (`KVCache.set_padding`) and positions count real tokens only, so
 a row's tokens come out the same as when it is generated alone.
+
+Sampling draws from one `torch.Generator` shared by the rows, or from one generator per row (a
+list): then a row's tokens depend on its own generator only, not on which other rows share its
+batch, which is what lets GRPO sample a prompt's completions alike on any number of ranks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from .distributed import is_sharded
 from .model import KVCache, Llama
 
 
@@ -68,17 +75,23 @@ def generate_batch(
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
     eos_id: int | list[int] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     pad_id: int = 0,
+    all_ranks_finished: Callable[[bool], bool] | None = None,
 ) -> list[list[int]]:
     """`generate` for several prompts at once, left-padded with `pad_id`; one list of new tokens each.
 
     Each row stops at its own EOS (finished rows keep riding along, fed `pad_id`, until every row
     is done or the limit is reached). Greedy output equals generating each prompt alone; sampled
-    output does not, because the rows share one random stream.
+    output does too when `generator` is a list of one generator per row, not when the rows
+    share one random stream.
 
-    Runs under `torch.inference_mode` with the model in eval mode (its previous mode is restored),
-    on the model's device and dtype.
+    `all_ranks_finished`: for a model sharded with FSDP, where every forward is a collective and
+    every rank must run as many as the others: it turns "all of this rank's rows are done" into
+    "all rows of every rank are done", and decoding stops only then.
+
+    Runs under `torch.inference_mode` (`no_grad` for an FSDP-sharded model) with the model in eval
+    mode (its previous mode is restored), on the model's device and dtype.
     """
     check_sampling_options(temperature, top_k, top_p, repetition_penalty)
     for i, prompt in enumerate(prompts):
@@ -90,21 +103,26 @@ def generate_batch(
         return [[] for _ in prompts]
     was_training = model.training
     model.eval()
+    # FSDP2 all-gathers parameters into buffers it reuses when training; buffers written under
+    # inference_mode could never be written again outside it, so a sharded model samples under no_grad.
+    no_grad = torch.no_grad() if is_sharded(model) else torch.inference_mode()
     try:
-        with torch.inference_mode():
+        with no_grad:
             return _generate_batch(
                 model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                _stop_ids(eos_id), generator, pad_id,
+                _stop_ids(eos_id), generator, pad_id, all_ranks_finished,
             )
     finally:
         model.train(was_training)
 
 
 def _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                    stop_ids, generator, pad_id) -> list[list[int]]:
+                    stop_ids, generator, pad_id, all_ranks_finished) -> list[list[int]]:
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
     B = len(prompts)
+    if isinstance(generator, (list, tuple)) and len(generator) != B:
+        raise ValueError(f"{len(generator)} generators for {B} prompts: give one per prompt, or one for all")
     input_ids, attention_mask = left_pad(prompts, pad_id, device)  # (B, T) each
     T = input_ids.shape[1]
     # A row's positions count its real tokens only: padding to the left does not move them.
@@ -112,7 +130,7 @@ def _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, r
 
     cache = KVCache(model.config, B, T + max_new_tokens, device=device, dtype=dtype)
     cache.set_padding(attention_mask)
-    logits = model(input_ids, position_ids=position_ids, kv_cache=cache)[:, -1]  # (B, V) prefill
+    logits = prefill(model, input_ids, position_ids, cache)  # (B, V)
     next_position = position_ids[:, -1:] + 1  # (B, 1)
 
     seen = None  # (B, V) bool: tokens of prompt + output, for the repetition penalty
@@ -132,13 +150,27 @@ def _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, r
             seen[torch.arange(B, device=device), token] = True
         finished |= torch.isin(token, stop)
         # One host sync per token, to stop as soon as every row is done.
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1:
+            break
+        done = bool(finished.all())
+        if all_ranks_finished(done) if all_ranks_finished else done:
             break
         logits = model(token[:, None], position_ids=next_position, kv_cache=cache)[:, -1]  # (B, V)
         next_position = next_position + 1
 
     outputs = torch.stack(new_tokens, dim=1).tolist()  # (B, n) -> lists
     return [_cut_after_stop(row, set(stop_ids)) for row in outputs]
+
+
+def prefill(model: Llama, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One forward over the prompts (B, T) that fills the cache; the logits (B, V) of the next token.
+
+    Only the last position's logits are wanted, so the lm_head runs on that position alone: on the
+    whole prompt it would be the largest matmul of generation (T x V per row) for nothing
+    (transformers' `logits_to_keep=1`; see benchmarks/grpo_sampling.py).
+    """
+    hidden = model.hidden_states(input_ids, position_ids=position_ids, kv_cache=cache)  # (B, T, C)
+    return model.lm_head(hidden[:, -1])  # (B, V)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,9 +191,11 @@ def choose_next_token(
     top_k: int | None,
     top_p: float | None,
     repetition_penalty: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[torch.Generator] | None,
 ) -> torch.Tensor:
-    """logits (B, V) of the next position -> the chosen token ids (B,), in transformers' order."""
+    """logits (B, V) of the next position -> the chosen token ids (B,), in transformers' order.
+
+    `generator` a list: row b draws from generator[b] alone (`sample_per_row`)."""
     logits = logits.float()  # (B, V); bf16 logits would make near-ties and probabilities coarse
     if repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
@@ -173,7 +207,23 @@ def choose_next_token(
     if top_p is not None and top_p < 1.0:
         logits = apply_top_p(logits, top_p)
     probabilities = logits.softmax(dim=-1)  # (B, V)
+    if isinstance(generator, (list, tuple)):
+        return sample_per_row(probabilities, generator)
     return torch.multinomial(probabilities, num_samples=1, generator=generator).squeeze(1)
+
+
+def sample_per_row(probabilities: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """probabilities (B, V) -> one token per row (B,), row b drawn with generators[b] alone.
+
+    Inverse-CDF sampling: each generator draws one uniform number (B tiny draws, not B draws over
+    the vocabulary), and one batched cumsum + searchsorted turns them into tokens. A token of
+    probability 0 (cut by top-k or top-p) is never chosen: its CDF step is empty.
+    """
+    uniforms = torch.cat([torch.rand(1, generator=g, device=probabilities.device) for g in generators])  # (B,)
+    cdf = probabilities.cumsum(dim=-1)  # (B, V)
+    targets = (uniforms * cdf[:, -1])[:, None]  # (B, 1), below the row's total
+    tokens = torch.searchsorted(cdf, targets, right=True).squeeze(1)  # first index whose CDF exceeds it
+    return tokens.clamp(max=probabilities.shape[-1] - 1)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

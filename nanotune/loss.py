@@ -13,6 +13,9 @@ exists at once:
   preference losses (DPO, ORPO, SimPO) and GRPO are functions of these sums. Here the upstream
   gradient of each sequence is known only in the backward, so the backward recomputes each
   chunk's logits.
+* `token_logprobs`: log p(label) of every target token, one value per token (GRPO's ratio to
+  the sampling policy and its KL to the reference are per token), with the entropy of each
+  predicted distribution on the side; its backward recomputes each chunk's logits too.
 
 Each has a readable reference beside it (`..._reference`) that the tests compare it with.
 
@@ -270,28 +273,36 @@ class _SequenceLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sums):
         hidden, weight, safe_labels, safe_ids, counted, log_normaliser = ctx.saved_tensors
-        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[:2]
         token_grad = grad_sums.float()[safe_ids] * counted  # (N,): g of each token's sequence, 0 if not counted
-        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
-        grad_weight = None  # (V, C) fp32
-        chunk_size = ctx.chunk_size
-        for start in range(0, hidden.shape[0], chunk_size):
-            part = slice(start, start + chunk_size)
-            h, y, g = hidden[part], safe_labels[part], token_grad[part]  # (n, C), (n,), (n,)
-            logits = (h @ weight.t()).float()  # (n, V), recomputed
-            softmax = logits.sub_(log_normaliser[part, None]).exp_()  # (n, V)
-            d_logits = softmax.mul_(-g[:, None])  # (n, V): g * (one_hot - softmax), the one-hot next
-            d_logits[torch.arange(len(y), device=y.device), y] += g
-            d_logits = d_logits.to(h.dtype)
-            if need_hidden_grad:
-                torch.mm(d_logits, weight, out=grad_hidden[part])  # (n, C)
-            if need_weight_grad:
-                grad_weight = _accumulate_weight_grad(grad_weight, d_logits, h)  # (V, C)
-        if need_weight_grad:
-            if grad_weight is None:  # no token at all
-                grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            grad_weight = grad_weight.to(weight.dtype)
+        grad_hidden, grad_weight = _backward_through_chunks(
+            hidden, weight, safe_labels, log_normaliser, token_grad, ctx.chunk_size, *ctx.needs_input_grad[:2])
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def _backward_through_chunks(hidden, weight, safe_labels, log_normaliser, token_grad, chunk_size,
+                             need_hidden_grad, need_weight_grad):
+    """The gradients of hidden (N, C) and weight (V, C) when token t's log p(label) has upstream
+    gradient token_grad[t]: d logprob / d logits = one_hot(label) - softmax(logits), one chunk of
+    recomputed logits at a time."""
+    grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+    grad_weight = None  # (V, C) fp32
+    for start in range(0, hidden.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        h, y, g = hidden[part], safe_labels[part], token_grad[part]  # (n, C), (n,), (n,)
+        logits = (h @ weight.t()).float()  # (n, V), recomputed
+        softmax = logits.sub_(log_normaliser[part, None]).exp_()  # (n, V)
+        d_logits = softmax.mul_(-g[:, None])  # (n, V): g * (one_hot - softmax), the one-hot next
+        d_logits[torch.arange(len(y), device=y.device), y] += g
+        d_logits = d_logits.to(h.dtype)
+        if need_hidden_grad:
+            torch.mm(d_logits, weight, out=grad_hidden[part])  # (n, C)
+        if need_weight_grad:
+            grad_weight = _accumulate_weight_grad(grad_weight, d_logits, h)  # (V, C)
+    if need_weight_grad:
+        if grad_weight is None:  # no token at all
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = grad_weight.to(weight.dtype)
+    return grad_hidden, grad_weight
 
 
 def sequence_logprobs(
@@ -339,3 +350,92 @@ def sequence_logprobs_reference(hidden, weight, labels, sequence_ids, n_sequence
         logprobs = logprobs.index_add(0, ids, target_logprobs * keep)
         n_tokens = n_tokens.index_add(0, ids, keep.long())
     return SequenceLogprobs(logprobs, n_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token log-probabilities (and entropies)
+# ----------------------------------------------------------------------------------------------
+
+
+class TokenLogprobs(NamedTuple):
+    """One entry per token, shaped like the labels; 0 where the label is -100.
+
+    logprobs  fp32: log p(label); differentiable.
+    entropy   fp32: the entropy of the predicted distribution, -sum_v p_v log p_v; no gradient
+              (a figure to log: it is nearly free once a chunk's logits exist).
+    """
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(label) of every token over chunks of tokens, and each distribution's entropy.
+
+    The forward keeps, per token, only the log-normaliser; the backward gets one upstream gradient
+    per token and recomputes each chunk's logits (`_backward_through_chunks`), as for the
+    per-sequence sums.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):
+        # hidden (N, C), weight (V, C), labels (N,)
+        is_target = labels != IGNORE_INDEX  # (N,)
+        safe_labels = labels.clamp(min=0)
+        logprobs, entropies, log_normalisers = [], [], []
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[start : start + chunk_size], safe_labels[start : start + chunk_size]  # (n, C), (n,)
+            logits = (h @ weight.t()).float()  # (n, V)
+            log_normaliser = torch.logsumexp(logits, dim=-1)  # (n,)
+            logprobs.append(logits.gather(1, y[:, None]).squeeze(1) - log_normaliser)  # (n,)
+            # H = -sum p log p = logsumexp - sum p * logits
+            softmax = (logits - log_normaliser[:, None]).exp()  # (n, V)
+            entropies.append(log_normaliser - (softmax * logits).sum(dim=-1))  # (n,)
+            log_normalisers.append(log_normaliser)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        logprob, entropy, log_normaliser = (torch.cat(parts) if parts else empty
+                                            for parts in (logprobs, entropies, log_normalisers))
+        ctx.save_for_backward(hidden, weight, safe_labels, is_target, log_normaliser)
+        ctx.chunk_size = chunk_size
+        entropy = entropy * is_target
+        ctx.mark_non_differentiable(entropy)
+        return logprob * is_target, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, safe_labels, is_target, log_normaliser = ctx.saved_tensors
+        token_grad = grad_logprobs.float() * is_target  # (N,)
+        grad_hidden, grad_weight = _backward_through_chunks(
+            hidden, weight, safe_labels, log_normaliser, token_grad, ctx.chunk_size, *ctx.needs_input_grad[:2])
+        return grad_hidden, grad_weight, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                   chunk_size: int = 1024) -> TokenLogprobs:
+    """log p(label) of every target token, and the entropy there, without (B, T, V) logits.
+
+    hidden (B, T, C): the final normed hidden states (`Llama.hidden_states`); weight (V, C): the
+    lm_head weight; labels (B, T): shifted targets, -100 where none. Returns `TokenLogprobs`
+    of two (B, T) fp32 tensors, 0 where the label is -100. Gradients flow to hidden and weight
+    from any function of the log-probs; backward may run more than once.
+    """
+    shape, C = labels.shape, hidden.shape[-1]
+    hidden, labels = hidden.reshape(-1, C), labels.reshape(-1)  # (N, C), (N,)
+    if hidden.device.type != "cpu":
+        logprobs, entropy = _TokenLogprobs.apply(hidden, weight, labels, chunk_size)
+        return TokenLogprobs(logprobs.view(shape), entropy.view(shape))
+    # On the CPU only the target rows go through the lm_head (see target_rows_only); their values
+    # are then put back in place, zeros elsewhere (index_copy passes gradients back to them).
+    keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
+    logprobs, entropy = _TokenLogprobs.apply(hidden.index_select(0, keep), weight, labels[keep], chunk_size)
+    zeros = torch.zeros(len(labels), dtype=torch.float32, device=labels.device)
+    return TokenLogprobs(zeros.index_copy(0, keep, logprobs).view(shape), zeros.index_copy(0, keep, entropy).view(shape))
+
+
+def token_logprobs_reference(hidden, weight, labels) -> TokenLogprobs:
+    """The readable version of `token_logprobs`: log_softmax over the full (B, T, V) logits."""
+    is_target = labels != IGNORE_INDEX  # (B, T)
+    log_softmax = F.log_softmax((hidden @ weight.t()).float(), dim=-1)  # (B, T, V)
+    logprobs = log_softmax.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
+    entropy = -(log_softmax.exp() * log_softmax).sum(dim=-1)  # (B, T)
+    return TokenLogprobs(logprobs * is_target, (entropy * is_target).detach())

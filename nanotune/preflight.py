@@ -22,7 +22,7 @@ import logging
 import os
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, SFTDataConfig
+from .config import ConfigError, PromptDataConfig, RunConfig, SFTDataConfig
 from .data.records import DataError, expand_files
 
 log = logging.getLogger("nanotune")
@@ -35,7 +35,7 @@ def check_data_files(config: RunConfig) -> None:
     """Every configured data file exists, is a readable file, and has a suffix its reader reads."""
     if not config.data.train_files:
         raise ConfigError("data.train_files is empty: give the training files (paths or globs)")
-    suffixes = SFT_SUFFIXES if isinstance(config.data, SFTDataConfig) else PRETRAIN_SUFFIXES
+    suffixes = SFT_SUFFIXES if isinstance(config.data, (SFTDataConfig, PromptDataConfig)) else PRETRAIN_SUFFIXES
     for key in ("train_files", "valid_files"):
         patterns = getattr(config.data, key)
         if not patterns:
@@ -65,7 +65,9 @@ def check_enough_samples(n_samples: int, config: RunConfig, world_size: int, fil
     global_batch = batch_size * grad_accum * world_size
     if n_samples >= global_batch:
         return
-    if isinstance(config.data, SFTDataConfig):
+    if isinstance(config.data, PromptDataConfig):
+        what = "prompts"
+    elif isinstance(config.data, SFTDataConfig):
         what = "samples" if not config.data.packing else f"packed rows of data.max_length {config.data.max_length}"
     else:
         what = f"blocks of data.seq_len {config.data.seq_len} tokens"

@@ -14,6 +14,7 @@ from nanotune.generate import (
     decode_without_cache,
     generate,
     generate_batch,
+    sample_per_row,
 )
 
 PROMPTS = [[1, 5, 17, 33, 99, 4], [1, 9, 9], [1, 200, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1]]
@@ -122,6 +123,40 @@ def test_sampling_with_a_fixed_seed_is_reproducible(model_and_hf):
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)  # 24 draws from a near-uniform distribution: never all equal
+
+
+def test_one_generator_per_row_samples_a_prompt_alike_in_any_batch(model_and_hf):
+    """Row b draws from generator b alone: the same prompt and seed give the same tokens whether
+    the prompt is sampled alone, first or last in a batch, or with decoding kept going for other
+    ranks (`all_ranks_finished` saying no until the limit)."""
+    model, _ = model_and_hf
+
+    def generators(seeds):
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    settings = dict(temperature=1.0, top_p=0.9, eos_id=[2, 7])
+    alone = [generate_batch(model, [prompt], MAX_NEW, generator=generators([10 + i]), **settings)[0]
+             for i, prompt in enumerate(PROMPTS)]
+    together = generate_batch(model, PROMPTS, MAX_NEW, generator=generators([10, 11, 12, 13]), **settings)
+    reversed_batch = generate_batch(model, PROMPTS[::-1], MAX_NEW, generator=generators([13, 12, 11, 10]), **settings)
+    calls = []
+    kept_going = generate_batch(model, PROMPTS, MAX_NEW, generator=generators([10, 11, 12, 13]), **settings,
+                                all_ranks_finished=lambda done: calls.append(done) or False)
+    assert together == alone and reversed_batch[::-1] == alone and kept_going == alone
+    assert len(calls) == MAX_NEW - 1  # asked after every token but the last
+    assert len({tuple(tokens) for tokens in alone}) > 1
+    with pytest.raises(ValueError, match="2 generators for 4 prompts"):
+        generate_batch(model, PROMPTS, MAX_NEW, generator=generators([1, 2]), temperature=1.0)
+
+
+def test_per_row_sampling_draws_from_the_distribution_and_never_a_zero_probability_token():
+    probabilities = torch.tensor([[0.2, 0.0, 0.5, 0.0, 0.3]]).expand(20000, 5)  # (B, V), one row per draw
+    generators = [torch.Generator().manual_seed(i) for i in range(20000)]
+    counts = torch.bincount(sample_per_row(probabilities, generators), minlength=5) / 20000
+    assert counts[1] == 0 and counts[3] == 0
+    torch.testing.assert_close(counts, probabilities[0], atol=0.015, rtol=0)  # 3 sigma of 20000 draws is ~0.011
+    again = sample_per_row(probabilities[:50], [torch.Generator().manual_seed(i) for i in range(50)])
+    assert torch.equal(again, sample_per_row(probabilities[:50], [torch.Generator().manual_seed(i) for i in range(50)]))
 
 
 def test_top_k_1_sampling_equals_greedy(model_and_hf):

@@ -8,11 +8,14 @@ from helpers import hf_llama_from, tiny_model
 from nanotune.loss import (
     IGNORE_INDEX,
     _SequenceLogprobs,
+    _TokenLogprobs,
     batch_sequence_ids,
     linear_cross_entropy_sum,
     linear_cross_entropy_sum_reference,
     sequence_logprobs,
     sequence_logprobs_reference,
+    token_logprobs,
+    token_logprobs_reference,
 )
 
 
@@ -145,3 +148,31 @@ def test_sequence_logprobs_and_their_gradients_equal_transformers_full_logits(ma
     hf_parameters = dict(hf.named_parameters())
     for name, param in model.named_parameters():
         assert _relative_difference(param.grad, hf_parameters[name].grad) <= 1e-5, name
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+@pytest.mark.parametrize("drop_rows", [True, False])
+def test_token_logprobs_and_entropies_equal_full_logit_log_softmax(chunk_size, drop_rows):
+    """Per-token values (0 on ignored positions), entropies, and the gradient of any weighted sum;
+    `drop_rows=False` runs the kernel on every row, as on CUDA."""
+    hidden, weight, labels = _hidden_weight_labels(seed=4)
+    reference = token_logprobs_reference(hidden, weight, labels)
+    if drop_rows:
+        fast = token_logprobs(hidden, weight, labels, chunk_size)
+    else:
+        logprobs, entropy = _TokenLogprobs.apply(hidden.view(60, 16), weight, labels.view(60), chunk_size)
+        fast = reference._replace(logprobs=logprobs.view(3, 20), entropy=entropy.view(3, 20))
+    upstream = torch.randn(3, 20, generator=torch.Generator().manual_seed(5))
+    fast_grads = torch.autograd.grad((fast.logprobs * upstream).sum(), (hidden, weight), retain_graph=True)
+    reference_grads = torch.autograd.grad((reference.logprobs * upstream).sum(), (hidden, weight))
+
+    ignored = labels == IGNORE_INDEX
+    assert fast.logprobs.shape == (3, 20) and bool((fast.logprobs[ignored] == 0).all())
+    torch.testing.assert_close(fast.logprobs, reference.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.entropy, reference.entropy, atol=1e-5, rtol=1e-5)
+    assert not fast.entropy.requires_grad
+    for fast_grad, reference_grad in zip(fast_grads, reference_grads):
+        assert _relative_difference(fast_grad, reference_grad) < 1e-5
+    again = torch.autograd.grad((fast.logprobs * upstream).sum(), (hidden, weight))  # a second backward
+    for grad, reference_grad in zip(again, reference_grads):
+        assert _relative_difference(grad, reference_grad) < 1e-5
