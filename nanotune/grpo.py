@@ -101,7 +101,8 @@ def train_grpo(
     autocast, _ = mixed_precision(config.train.mixed_precision, run)  # fp16 is refused in config validation
 
     state = TrainingState(model, optimizer, sampler, None, trainable_only, run_layout(config, run.world_size))
-    start_step = state.resume_from_latest(output_dir, run) if config.checkpoint.resume else 0
+    resume = config.checkpoint.resume
+    start_step = state.resume(output_dir, run, named=resume if isinstance(resume, str) else None) if resume else 0
     metrics = MetricsFile(output_dir / "metrics.jsonl", run, keep_up_to_step=start_step)
     if run.is_main:
         log.info("GRPO for %d steps from step %d: %d prompts x %d completions per step", total_steps, start_step,

@@ -20,7 +20,7 @@ import math
 import random
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +211,7 @@ class TrainingState:
     scaler: object | None  # the fp16 gradient scaler, or None
     trainable_only: bool
     layout: dict
-    evals: EvalTracker
+    evals: EvalTracker = field(default_factory=EvalTracker)
 
     def save(self, output_dir: Path, step: int, run: Run, keep_last: int) -> None:
         """Write checkpoints/step_N (via step_N.tmp) and keep only the newest `keep_last`."""
