@@ -5,8 +5,20 @@
 
 A GRPO step samples `group_size` completions of each of its prompts: here `--prompts` random
 prompts of random lengths up to `--prompt-len` tokens, each repeated `--group-size` times, left
-padded into one batch, and `--new-tokens` new tokens per row sampled at temperature 1 (no EOS, so
-every row decodes to the limit in both libraries and they do the same work). The same weights go
+padded into one batch, and up to `--new-tokens` new tokens per row sampled at temperature 1.
+
+Two workloads:
+
+* equal work (the default): no EOS, so every row decodes to the limit in both libraries and they
+  run the same decode steps on the same rows. What differs: nanotune prefills each distinct prompt
+  once and copies its cache row `group_size` times, and samples by inverse CDF instead of
+  torch.multinomial; the decode forward itself costs the same in both (the matmuls dominate).
+* answers of varied length (`--stop-ids K`): K token ids count as the end of an answer (EOS may
+  be a list in both libraries), so with the random model's near-uniform distribution each row
+  ends with probability about K / V per step, as GRPO's answers end at very different lengths.
+  transformers keeps every row in the batch until the last one ends; nanotune drops finished rows
+  once a quarter of the batch has ended. Tokens/s counts the tokens each library returned, up to
+  and including a row's end. The same weights go
 into both models (nanotune uses HF's parameter names). Three kinds of run, interleaved, `--repeats`
 times each, so a slow drift of the machine's load touches all alike:
 
@@ -45,6 +57,8 @@ def main(argv=None):
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=48)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--stop-ids", type=int, default=0,
+                        help="K > 0: ids 3 .. 3+K-1 end an answer (varied lengths); 0: no EOS, equal work")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0 = torch's default)")
     args = parser.parse_args(argv)
@@ -59,17 +73,17 @@ def main(argv=None):
     lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.prompts,), generator=generator)
     prompts = [torch.randint(3, config.vocab_size, (int(n),), generator=generator).tolist() for n in lengths]
     rows = [prompt for prompt in prompts for _ in range(args.group_size)]
-    n_new = len(rows) * args.new_tokens
+    stop_ids = list(range(3, 3 + args.stop_ids)) or None
 
     def run_nanotune(per_row: bool) -> float:
         generators = ([torch.Generator(args.device).manual_seed(i) for i in range(len(rows))] if per_row
                       else torch.Generator(args.device).manual_seed(0))
         device_sync(args.device)
         started = time.perf_counter()
-        out = generate_batch(model, rows, args.new_tokens, temperature=1.0, eos_id=None, generator=generators)
+        out = generate_batch(model, rows, args.new_tokens, temperature=1.0, eos_id=stop_ids, generator=generators)
         device_sync(args.device)
-        assert all(len(tokens) == args.new_tokens for tokens in out)
-        return n_new / (time.perf_counter() - started)
+        assert stop_ids or all(len(tokens) == args.new_tokens for tokens in out)
+        return sum(len(tokens) for tokens in out) / (time.perf_counter() - started)
 
     input_ids, attention_mask = left_pad(rows, 0, args.device)
 
@@ -79,11 +93,18 @@ def main(argv=None):
         started = time.perf_counter()
         with torch.inference_mode():
             out = hf.generate(input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0, top_k=0,
-                              top_p=1.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                              eos_token_id=None, pad_token_id=0)
+                              top_p=1.0, max_new_tokens=args.new_tokens,
+                              min_new_tokens=None if stop_ids else args.new_tokens,
+                              eos_token_id=stop_ids, pad_token_id=0)
         device_sync(args.device)
-        assert out.shape[1] == input_ids.shape[1] + args.new_tokens
-        return n_new / (time.perf_counter() - started)
+        new = out[:, input_ids.shape[1]:]  # (B, n): a row's answer, then padding once it has ended
+        if not stop_ids:
+            assert new.shape[1] == args.new_tokens
+            return new.numel() / (time.perf_counter() - started)
+        ended = torch.isin(new, torch.tensor(stop_ids, device=new.device))
+        # A row's length: up to and including its first stop id, or all n if it never ended.
+        first_end = torch.where(ended.any(1), ended.int().argmax(1) + 1, new.shape[1])
+        return int(first_end.sum()) / (time.perf_counter() - started)
 
     kinds = {"nanotune": lambda: run_nanotune(False), "nanotune per-row": lambda: run_nanotune(True),
              "transformers": run_transformers}
@@ -101,7 +122,8 @@ def main(argv=None):
           f"{load_after:.2f}")
     print(f"model: {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {args.dtype}); "
           f"{args.prompts} prompts x {args.group_size} completions, prompts of {min(lengths)}-{max(lengths)} tokens, "
-          f"{args.new_tokens} new tokens per row")
+          f"{'up to ' if stop_ids else ''}{args.new_tokens} new tokens per row"
+          + (f", {args.stop_ids} stop ids (answers of varied length)" if stop_ids else ", no EOS (equal work)"))
     print(f"{'':18s} {'new tokens/s per run':>36s} {'median':>10s} {'spread':>10s}")
     medians = {}
     for name, values in results.items():

@@ -36,7 +36,8 @@ from collections.abc import Callable
 import torch
 
 from .distributed import is_sharded
-from .model import KVCache, Llama
+from .kv_cache import KVCache
+from .model import Llama
 
 
 def generate(
@@ -123,15 +124,19 @@ def _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, r
     B = len(prompts)
     if isinstance(generator, (list, tuple)) and len(generator) != B:
         raise ValueError(f"{len(generator)} generators for {B} prompts: give one per prompt, or one for all")
-    input_ids, attention_mask = left_pad(prompts, pad_id, device)  # (B, T) each
+    # A prompt asked for G times (GRPO's group) is prefilled once; its cache row is then copied.
+    distinct, row_of = distinct_prompts(prompts)
+    input_ids, attention_mask = left_pad(distinct, pad_id, device)  # (U, T) each
     T = input_ids.shape[1]
     # A row's positions count its real tokens only: padding to the left does not move them.
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
-
-    cache = KVCache(model.config, B, T + max_new_tokens, device=device, dtype=dtype)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (U, T)
+    cache = KVCache(model.config, len(distinct), T, device=device, dtype=dtype)
     cache.set_padding(attention_mask)
-    logits = prefill(model, input_ids, position_ids, cache)  # (B, V)
-    next_position = position_ids[:, -1:] + 1  # (B, 1)
+    logits = prefill(model, input_ids, position_ids, cache)  # (U, V)
+    row_of = torch.tensor(row_of, device=device)  # (B,) the distinct prompt of each row
+    cache = cache.select_rows(row_of, max_len=T + max_new_tokens)  # (B, ...) with room for the answers
+    logits, input_ids, attention_mask = logits[row_of], input_ids[row_of], attention_mask[row_of]  # (B, ...)
+    next_position = position_ids[row_of, -1:] + 1  # (B, 1)
 
     seen = None  # (B, V) bool: tokens of prompt + output, for the repetition penalty
     if repetition_penalty != 1.0:
@@ -140,26 +145,43 @@ def _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, r
         seen[rows, input_ids[rows, columns]] = True  # real prompt tokens only, never the padding
 
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    new_tokens = []
+    new_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, n)
+    going = torch.arange(B, device=device)  # (b,) the row of each row still in the batch
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # (b,)
     for step in range(max_new_tokens):
-        token = choose_next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)  # (B,)
+        token = choose_next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)  # (b,)
         token = token.masked_fill(finished, pad_id)
-        new_tokens.append(token)
+        new_tokens[going, step] = token
         if seen is not None:
-            seen[torch.arange(B, device=device), token] = True
+            seen[torch.arange(len(going), device=device), token] = True
         finished |= torch.isin(token, stop)
         # One host sync per token, to stop as soon as every row is done.
         if step == max_new_tokens - 1:
             break
-        done = bool(finished.all())
+        n_finished = int(finished.sum())
+        done = n_finished == len(going)
         if all_ranks_finished(done) if all_ranks_finished else done:
             break
-        logits = model(token[:, None], position_ids=next_position, kv_cache=cache)[:, -1]  # (B, V)
+        if not done and n_finished * 4 >= len(going):
+            # A quarter of the batch has finished: drop those rows, so that the steps to come
+            # compute only rows still going (GRPO's answers end at very different lengths).
+            keep = (~finished).nonzero().squeeze(1)  # (b_new,)
+            cache, going, token, finished = cache.select_rows(keep), going[keep], token[keep], finished[keep]
+            next_position = next_position[keep]
+            seen = seen[keep] if seen is not None else None
+            if isinstance(generator, (list, tuple)):
+                generator = [generator[i] for i in keep.tolist()]
+        logits = model(token[:, None], position_ids=next_position, kv_cache=cache)[:, -1]  # (b, V)
         next_position = next_position + 1
 
-    outputs = torch.stack(new_tokens, dim=1).tolist()  # (B, n) -> lists
-    return [_cut_after_stop(row, set(stop_ids)) for row in outputs]
+    return [_cut_after_stop(row, set(stop_ids)) for row in new_tokens.tolist()]
+
+
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct prompts in order of first appearance, and for each prompt its index among them."""
+    index: dict[tuple[int, ...], int] = {}
+    row_of = [index.setdefault(tuple(prompt), len(index)) for prompt in prompts]
+    return [list(prompt) for prompt in index], row_of
 
 
 def prefill(model: Llama, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -195,31 +217,39 @@ def choose_next_token(
 ) -> torch.Tensor:
     """logits (B, V) of the next position -> the chosen token ids (B,), in transformers' order.
 
-    `generator` a list: row b draws from generator[b] alone (`sample_per_row`)."""
+    `generator`: None draws from the global RNG with torch.multinomial, as transformers does (the
+    same `torch.manual_seed` gives the same tokens); a generator, or a list of one per row (row b
+    then draws from generator[b] alone), draws one uniform number per row for `sample_inverse_cdf`."""
     logits = logits.float()  # (B, V); bf16 logits would make near-ties and probabilities coarse
     if repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k is not None:
         logits = apply_top_k(logits, top_k)
     if top_p is not None and top_p < 1.0:
         logits = apply_top_p(logits, top_p)
     probabilities = logits.softmax(dim=-1)  # (B, V)
+    if generator is None:  # the global RNG, drawn from exactly as transformers draws
+        return torch.multinomial(probabilities, num_samples=1).squeeze(1)
     if isinstance(generator, (list, tuple)):
-        return sample_per_row(probabilities, generator)
-    return torch.multinomial(probabilities, num_samples=1, generator=generator).squeeze(1)
+        uniforms = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generator])  # (B,)
+    else:
+        uniforms = torch.rand(len(logits), generator=generator, device=logits.device)  # (B,)
+    return sample_inverse_cdf(probabilities, uniforms)
 
 
-def sample_per_row(probabilities: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """probabilities (B, V) -> one token per row (B,), row b drawn with generators[b] alone.
+def sample_inverse_cdf(probabilities: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """probabilities (B, V), one uniform number in [0, 1) per row (B,) -> one token per row (B,).
 
-    Inverse-CDF sampling: each generator draws one uniform number (B tiny draws, not B draws over
-    the vocabulary), and one batched cumsum + searchsorted turns them into tokens. A token of
-    probability 0 (cut by top-k or top-p) is never chosen: its CDF step is empty.
+    The token whose CDF step holds the number: one batched cumsum and searchsorted, where
+    torch.multinomial on the CPU costs several times more per row over a 32k vocabulary. Row b
+    depends on uniforms[b] alone, so a generator per row makes a row's tokens independent of the
+    rest of the batch. A token of probability 0 (cut by top-k or top-p) is never chosen: its CDF
+    step is empty.
     """
-    uniforms = torch.cat([torch.rand(1, generator=g, device=probabilities.device) for g in generators])  # (B,)
     cdf = probabilities.cumsum(dim=-1)  # (B, V)
     targets = (uniforms * cdf[:, -1])[:, None]  # (B, 1), below the row's total
     tokens = torch.searchsorted(cdf, targets, right=True).squeeze(1)  # first index whose CDF exceeds it

@@ -1,4 +1,5 @@
-"""The whole LLaMA model in one file: RMSNorm, attention, MLP, block, model, KV cache (RoPE: rope.py).
+"""The whole LLaMA model in one file: RMSNorm, attention, MLP, block, model (RoPE: rope.py; which
+tokens see which: attention_plan.py; the KV cache of generation: kv_cache.py).
 
 Module and parameter names follow the HuggingFace LLaMA layout (`model.embed_tokens`,
 `model.layers.0.self_attn.q_proj`, `model.norm`, `lm_head`), so a HF checkpoint's state dict loads
@@ -10,11 +11,11 @@ Three things this file does that a first LLaMA implementation usually does not:
 
 * Packed sequences. `document_ids` (B, T) marks which document each token belongs to; attention is
   block-diagonal causal and positions restart at 0 per document, worked out once per forward
-  (`AttentionPlan`, one per distinct sliding window) and shared by the layers.
+  (`AttentionPlan` in attention_plan.py, one per distinct sliding window) and shared by the layers.
 * A loss that never builds the (B, T, V) logits. With `labels`, `forward` returns the *sum* of the
   token cross-entropies, chunk by chunk (loss.py); the caller divides by the global target count.
   `hidden_states` stops before the lm_head, for objectives that call loss.py themselves.
-* A pre-allocated KV cache (`KVCache`) for generation.
+* A pre-allocated KV cache (`KVCache`, kv_cache.py) for generation.
 
 What is applied *to* the model lives outside it: NEFTune noise (neftune.py, a forward hook),
 activation checkpointing (activation_checkpointing.py), torch.compile and FSDP.
@@ -25,14 +26,14 @@ Shapes: B batch, T time (tokens of this forward), C hidden size (channels), V vo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .loss import IGNORE_INDEX, LogitsWorkspace, linear_cross_entropy_sum  # noqa: F401 (IGNORE_INDEX re-exported)
+from .attention_plan import (  # noqa: F401 (re-exported: make_attention_plan, block_diagonal_causal_mask)
+    AttentionPlan, attend, block_diagonal_causal_mask, make_attention_plan, resolve_packed_attention)
+from .kv_cache import KVCache  # noqa: F401 (re-exported)
 from .model_config import LlamaConfig
 from .rope import apply_rotary, rope_inverse_frequencies, rotary_cos_sin  # noqa: F401 (re-exported)
 
@@ -53,214 +54,6 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(input_dtype)
 
-
-# ---- Attention: how tokens may see each other, decided once per forward -----------------------
-
-
-@dataclass
-class AttentionPlan:
-    """Which tokens each token attends to, worked out once per forward and used by every layer.
-
-    kind:
-      "causal"  every row is one causal sequence: SDPA with `is_causal=True`, no mask tensor.
-      "spans"   packed rows on the CPU: SDPA with `is_causal=True` on each document span alone,
-                so the work between documents is never done (see README's performance section).
-      "mask"    a boolean mask (B, 1, T, S): True where attention is allowed (KV cache with
-                padding, or packed rows when spans are not wanted).
-      "flex"    packed rows on CUDA: `flex_attention` with a block mask that skips whole tiles
-                between documents.
-
-    `window` W (sliding window): a query also sees only the W newest keys, itself included
-    (`causal_window`); a plan without a window in reach (T <= W) stays the window-free one.
-
-    "auto" picks flex on CUDA and spans on the CPU. A caller that torch.compiles the blocks must
-    resolve "auto" itself (`resolve_packed_attention`): compile bakes the spans' Python integers
-    into the graph, so every new packing would recompile; one graph serves every mask tensor.
-    """
-
-    kind: str
-    spans: list[list[tuple[int, int]]] | None = None  # per row: (start, end) of each document
-    mask: torch.Tensor | None = None  # (B, 1, T, S) bool
-    block_mask: Any = None
-    window: int | None = None  # the spans' sliding window (the other kinds carry it in their mask)
-
-
-def document_spans(document_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Runs of equal document id per row: [[(0, 5), (5, 12), ...], ...]. One host copy per forward."""
-    ids = document_ids.cpu()
-    B, T = ids.shape
-    change = torch.ones(B, T, dtype=torch.bool)
-    change[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    spans = []
-    for row in change:
-        starts = row.nonzero().flatten().tolist()
-        spans.append(list(zip(starts, starts[1:] + [T])))  # (start, end) of each run
-    return spans
-
-
-def causal_window(query_position, key_position, window: int | None):
-    """True where a query may see a key: not after it and, with a sliding window W, one of the W
-    newest keys, itself included (`key > query - W`, transformers' convention). Broadcasts."""
-    allowed = key_position <= query_position
-    return allowed if window is None else allowed & (key_position > query_position - window)
-
-
-def causal_window_mask(T: int, window: int | None, device) -> torch.Tensor:
-    """(T, T) bool: `causal_window` for one sequence of T tokens."""
-    position = torch.arange(T, device=device)
-    return causal_window(position[:, None], position[None, :], window)
-
-
-def block_diagonal_causal_mask(document_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """(B, 1, T, T) bool: token t may see token s iff s <= t (within the window) and both belong to
-    the same document."""
-    same_document = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-    return (same_document & causal_window_mask(document_ids.shape[1], window, document_ids.device)).unsqueeze(1)
-
-
-def make_attention_plan(
-    document_ids: torch.Tensor | None, kv_cache: KVCache | None, T: int, packed_attention: str,
-    window: int | None = None, device=None,
-) -> AttentionPlan:
-    """A KV cache plans its own attention; packed rows (document_ids) follow `packed_attention`."""
-    if kv_cache is not None:
-        return kv_cache.attention_plan(T, window)
-    if window is not None and T <= window:
-        window = None  # no query reaches past the window: the plan without one is the same, and fast
-    if document_ids is None:
-        return AttentionPlan("causal") if window is None else AttentionPlan("mask", mask=causal_window_mask(T, window, device))
-    if packed_attention == "auto":
-        packed_attention = "flex" if document_ids.is_cuda else "spans"
-    if packed_attention == "spans":
-        return AttentionPlan("spans", spans=document_spans(document_ids), window=window)
-    if packed_attention == "mask":
-        return AttentionPlan("mask", mask=block_diagonal_causal_mask(document_ids, window))
-    if packed_attention == "flex":
-        return AttentionPlan("flex", block_mask=_flex_block_mask(document_ids, window))
-    raise ValueError(f"packed_attention must be auto, spans, mask or flex, not {packed_attention!r}")
-
-
-def resolve_packed_attention(setting: str, compiled: bool, device: torch.device | str) -> str:
-    """The `packed_attention` to build a Llama with, knowing whether its blocks will be compiled:
-    "auto" for compiled blocks off CUDA becomes "mask", which never recompiles (see AttentionPlan)."""
-    if setting == "auto" and compiled and torch.device(device).type != "cuda":
-        return "mask"
-    return setting
-
-
-def _flex_block_mask(document_ids: torch.Tensor, window: int | None):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def same_document_causal(b, h, q_idx, kv_idx):
-        return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & causal_window(q_idx, kv_idx, window)
-
-    B, T = document_ids.shape
-    return create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device)
-
-
-_compiled_flex_attention = None
-
-
-def _flex_attention(q, k, v, block_mask):
-    global _compiled_flex_attention
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if _compiled_flex_attention is None:
-        # flex_attention is only fast compiled; compile it once for the process.
-        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
-    return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    """Scaled dot-product attention of q (B, H, T, D) over k, v (B, H_kv, S, D) under `plan`."""
-    gqa = k.shape[1] != q.shape[1]
-    if plan.kind == "causal":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
-    if plan.kind == "mask":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, enable_gqa=gqa)
-    if plan.kind == "spans":
-        return attend_per_document(q, k, v, plan.spans, gqa, plan.window)
-    if plan.kind == "flex":
-        return _flex_attention(q, k, v, plan.block_mask)
-    raise ValueError(f"unknown attention plan {plan.kind!r}")
-
-
-def attend_per_document(q, k, v, spans: list[list[tuple[int, int]]], gqa: bool, window: int | None = None):
-    """Causal SDPA run on each document span of each row alone: q (B, H, T, D) -> (B, H, T, D).
-    A document longer than the sliding window gets the banded mask; the others stay `is_causal`.
-
-    Rows are taken apart with `unbind` and documents with `split`, not by indexing: the backward
-    of each index is a zero-filled tensor of q's full size; that of split and unbind is one concat.
-    """
-
-    def attend_document(q_doc, k_doc, v_doc):  # (H, T_d, D) each
-        T_d = q_doc.shape[1]
-        mask = causal_window_mask(T_d, window, q.device) if window is not None and T_d > window else None
-        return F.scaled_dot_product_attention(
-            q_doc[None], k_doc[None], v_doc[None], attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)[0]
-
-    rows = []
-    for q_row, k_row, v_row, row_spans in zip(q.unbind(0), k.unbind(0), v.unbind(0), spans):  # (H, T, D) each
-        lengths = [end - start for start, end in row_spans]
-        pieces = [attend_document(*documents) for documents in
-                  zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1))]  # (H, T_d, D) each
-        rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
-    return torch.stack(rows)
-
-
-class KVCache:
-    """Pre-allocated keys and values of every layer, for generation without recomputing the prefix.
-
-    Buffers are (B, H_kv, max_len, D) per layer, allocated once; a forward of T new tokens writes
-    positions [length, length + T) and attends over [0, length + T). `key_is_real` (B, max_len):
-    left-padded batches never attend to the padding.
-    """
-
-    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.key_is_real = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
-        self.max_len = max_len
-        self.length = 0  # tokens already stored
-        self._pending = 0  # tokens of the forward in progress
-
-    def set_padding(self, attention_mask: torch.Tensor) -> None:
-        """Mark padded positions of the prompt (attention_mask (B, T_prompt): 1 real, 0 pad)."""
-        self.key_is_real[:, : attention_mask.shape[1]] = attention_mask.bool()
-
-    def attention_plan(self, T: int, window: int | None = None) -> AttentionPlan:
-        """The plan of T new tokens over the cache; a sliding window counts cache slots, which
-        left padding does not break (a row's real tokens are consecutive slots)."""
-        if self.length + T > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens; asked for {self.length + T}")
-        self._pending = T
-        S = self.length + T
-        has_padding = not bool(self.key_is_real[:, :S].all())
-        if not has_padding and (window is None or S <= window):
-            if self.length == 0:
-                return AttentionPlan("causal")
-            if T == 1:
-                return AttentionPlan("mask", mask=None)  # one new token sees everything stored
-        device = self.key_is_real.device
-        query_position = torch.arange(self.length, S, device=device)[:, None]  # (T, 1)
-        key_position = torch.arange(S, device=device)[None, :]  # (1, S)
-        allowed = causal_window(query_position, key_position, window)[None] & self.key_is_real[:, None, :S]  # (B, T, S)
-        # A padded query row would see nothing and give NaN; let it see itself (its output is unused).
-        allowed = allowed | (key_position == query_position)[None]
-        return AttentionPlan("mask", mask=allowed.unsqueeze(1))
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this forward's k, v (B, H_kv, T, D) for `layer`; return all keys/values so far."""
-        start, end = self.length, self.length + k.shape[2]
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def advance(self) -> None:
-        """Called once the forward has run through every layer."""
-        self.length += self._pending
-        self._pending = 0
 
 
 class Attention(nn.Module):

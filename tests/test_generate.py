@@ -14,7 +14,7 @@ from nanotune.generate import (
     decode_without_cache,
     generate,
     generate_batch,
-    sample_per_row,
+    sample_inverse_cdf,
 )
 
 PROMPTS = [[1, 5, 17, 33, 99, 4], [1, 9, 9], [1, 200, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1]]
@@ -149,14 +149,56 @@ def test_one_generator_per_row_samples_a_prompt_alike_in_any_batch(model_and_hf)
         generate_batch(model, PROMPTS, MAX_NEW, generator=generators([1, 2]), temperature=1.0)
 
 
-def test_per_row_sampling_draws_from_the_distribution_and_never_a_zero_probability_token():
+def test_inverse_cdf_sampling_draws_from_the_distribution_and_never_a_zero_probability_token():
     probabilities = torch.tensor([[0.2, 0.0, 0.5, 0.0, 0.3]]).expand(20000, 5)  # (B, V), one row per draw
-    generators = [torch.Generator().manual_seed(i) for i in range(20000)]
-    counts = torch.bincount(sample_per_row(probabilities, generators), minlength=5) / 20000
+    uniforms = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(sample_inverse_cdf(probabilities, uniforms), minlength=5) / 20000
     assert counts[1] == 0 and counts[3] == 0
     torch.testing.assert_close(counts, probabilities[0], atol=0.015, rtol=0)  # 3 sigma of 20000 draws is ~0.011
-    again = sample_per_row(probabilities[:50], [torch.Generator().manual_seed(i) for i in range(50)])
-    assert torch.equal(again, sample_per_row(probabilities[:50], [torch.Generator().manual_seed(i) for i in range(50)]))
+    edges = torch.tensor([0.0, 0.2, 0.2 + 1e-6, 0.7, 0.7 + 1e-6, 1 - 1e-7])  # the CDF steps' edges
+    assert sample_inverse_cdf(probabilities[:6], edges).tolist() == [0, 2, 2, 4, 4, 4]
+
+
+def test_shared_prompts_are_prefilled_once_and_finished_rows_leave_the_batch(model_and_hf):
+    """A prompt asked for 4 times (GRPO's group) runs through the prefill once; rows that end early
+    are dropped from later forwards. Neither changes any row's tokens: each equals its prompt
+    sampled alone with the same generator."""
+    model, _ = model_and_hf
+    prompts = [PROMPTS[0]] * 4 + [PROMPTS[1]] * 4
+    settings = dict(temperature=1.0, top_k=3)
+
+    def sample_alone(eos):
+        return [generate_batch(model, [prompt], 24, eos_id=eos, generator=[torch.Generator().manual_seed(i)],
+                               **settings)[0] for i, prompt in enumerate(prompts)]
+
+    # The token these rows sample most often, made the EOS: rows then end at different steps.
+    eos = torch.tensor(sum(sample_alone(None), [])).bincount().argmax().item()
+    alone = sample_alone(eos)
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(args[0].shape[0]),
+                                           with_kwargs=True)
+    real_hidden_states = model.hidden_states
+    prefill_rows = []
+
+    def counting_hidden_states(input_ids, *args, **kwargs):
+        prefill_rows.append(input_ids.shape)
+        return real_hidden_states(input_ids, *args, **kwargs)
+
+    model.hidden_states = counting_hidden_states
+    try:
+        together = generate_batch(model, prompts, 24, eos_id=eos,
+                                  generator=[torch.Generator().manual_seed(i) for i in range(8)], **settings)
+    finally:
+        hook.remove()
+        del model.hidden_states
+    assert together == alone
+    lengths = sorted(len(tokens) for tokens in alone)
+    assert lengths[0] < lengths[-1] and lengths[1] < 24  # rows did finish at different steps
+    assert prefill_rows[0][0] == 2  # two distinct prompts prefilled, not eight rows
+    # Forward s makes token s + 1: it must hold every row still going, and holds fewer than 8.
+    assert all(size >= sum(n > s + 1 for n in lengths) for s, size in enumerate(batch_sizes))
+    assert batch_sizes == sorted(batch_sizes, reverse=True) and batch_sizes[-1] < 8
+    assert max(len(tokens) for tokens in together) == len(batch_sizes) + 1  # one forward per token but the first
 
 
 def test_top_k_1_sampling_equals_greedy(model_and_hf):
