@@ -33,6 +33,8 @@ PRESETS = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
 }
+# The issue's shape as a Qwen3: the same sizes, with RMSNorm on each head's q and k (q_norm, k_norm).
+PRESETS["qwen3"] = dict(PRESETS["issue"], model_type="qwen3", head_dim=64, bos_token_id=None, eos_token_id=None)
 
 from nanotune.checkpoint import DTYPES  # noqa: E402  (both spellings: fp32 / float32, ...)
 
@@ -53,15 +55,18 @@ def nanotune_model(config: LlamaConfig, seed: int, dtype: torch.dtype, device: s
 
 
 def transformers_model(config: LlamaConfig, state_dict: dict | None, dtype: torch.dtype, device: str):
-    """transformers' LlamaForCausalLM (SDPA attention) of the same shape, with `state_dict` copied in.
+    """transformers' model of the same family and shape (LlamaForCausalLM, Qwen3ForCausalLM; SDPA
+    attention), with `state_dict` copied in.
 
     nanotune uses HF's parameter names, so the state dict loads as it is; only the rotary buffers
     (which transformers computes itself) are missing from it.
     """
     import transformers
 
-    hf_config = transformers.LlamaConfig(**config.to_hf_dict())
-    model = transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
+    hf_dict = config.to_hf_dict()
+    hf_config = transformers.AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
+    model = getattr(transformers, config.family.architecture)._from_config(hf_config, attn_implementation="sdpa",
+                                                                            dtype=dtype)
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if unexpected or any("rotary" not in name for name in missing):

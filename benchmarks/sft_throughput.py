@@ -136,7 +136,7 @@ def main(argv=None):
     parser.add_argument("--median-length", type=int, default=100)
     parser.add_argument("--long-fraction", type=float, default=0.05, help="share of conversations near max_length")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step: packed rows, or conversations")
-    parser.add_argument("--loss-chunk-tokens", type=int, default=1024, help="model.loss_chunk_tokens")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=512, help="model.loss_chunk_tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-load", type=float, default=0.0, help="wait for the 1-minute load to fall below this")

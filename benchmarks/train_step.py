@@ -87,7 +87,9 @@ from common import (  # noqa: E402
     wait_until_quiet,
 )
 
+from nanotune.config import OptimConfig  # noqa: E402
 from nanotune.loss import IGNORE_INDEX  # noqa: E402
+from nanotune.optim import build_optimizer  # noqa: E402
 from nanotune.model import (  # noqa: E402
     block_diagonal_causal_mask,
     positions_from_document_ids,
@@ -101,19 +103,36 @@ PEERS = ("torchtune", "litgpt")
 
 @dataclass
 class Runner:
-    """One implementation ready to step: `step()` runs forward + loss + backward + AdamW."""
+    """One implementation with its model built: `start()` builds its optimizer, as its users would,
+    and returns `step()`, which runs forward + loss + backward + AdamW step + zero_grad.
+
+    The optimizer is built apart from the model so that the memory probe's baseline (the built
+    model) is read before it: AdamW's state is part of training memory, whenever it is created.
+    """
 
     name: str
-    step: Callable[[], torch.Tensor] | None  # returns the step's mean token loss (detached)
+    start: Callable[[], Callable[[], torch.Tensor]] | None  # -> step(), returning the mean token loss
     batch: dict
     note: str = ""
+    step: Callable[[], torch.Tensor] | None = None
     times: list[float] = field(default_factory=list)
     first_loss: float | None = None
 
+    def ready(self) -> None:
+        if self.step is None:
+            self.step = self.start()
+
 
 def adamw(model) -> torch.optim.AdamW:
-    """The same optimizer for every implementation: AdamW with the fused kernel (CPU and CUDA)."""
+    """The same optimizer for every implementation: AdamW with the fused kernel (CPU and CUDA);
+    its state is created by the first step, as torch does by default."""
     return torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+
+
+def nanotune_adamw(model) -> torch.optim.AdamW:
+    """The same AdamW built as nanotune's trainer builds it (`optim.build_optimizer`): the same
+    update, with its state created before the first step (`create_adamw_state`)."""
+    return build_optimizer(model, OptimConfig(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused="fused"))
 
 
 def n_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -135,19 +154,23 @@ def nanotune_runner(config, args, dtype, batch, name: str):
         # where the trainer applies it together with activation checkpointing and FSDP.
         for layer in model.model.layers:
             layer.compile()
-    optimizer = adamw(model)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "document_ids")}
     count = n_targets(batch["labels"])
 
-    def step():
-        loss_sum = model(**inputs)  # summed token loss: the loop divides by the target count
-        (loss_sum / count).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss_sum.detach() / count
+    def start():
+        optimizer = nanotune_adamw(model)
+
+        def step():
+            loss_sum = model(**inputs)  # summed token loss: the loop divides by the target count
+            (loss_sum / count).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss_sum.detach() / count
+
+        return step
 
     note = "document_ids: attention per document span" if "document_ids" in batch else "chunked lm_head + loss"
-    return Runner(name, step, batch, note), model
+    return Runner(name, start, batch, note), model
 
 
 def transformers_runner(config, args, dtype, state_dict, batch, packed: bool) -> Runner:
@@ -155,7 +178,6 @@ def transformers_runner(config, args, dtype, state_dict, batch, packed: bool) ->
     if args.compile:
         for layer in model.model.layers:  # regional compilation, as nanotune does
             layer.compile()
-    optimizer = adamw(model)
     input_ids = batch["input_ids"]
     inputs = {"input_ids": input_ids}
     # transformers shifts labels itself: position t is trained on labels[t + 1]. Our labels are
@@ -169,29 +191,39 @@ def transformers_runner(config, args, dtype, state_dict, batch, packed: bool) ->
         inputs["position_ids"] = positions_from_document_ids(batch["document_ids"])  # restarting per document
         note = "SDPA with a dense block-diagonal (B, 1, T, T) mask; " + note
 
-    def step():
-        loss = model(**inputs).loss  # mean over target tokens
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+    def start():
+        optimizer = adamw(model)
 
-    return Runner(TRANSFORMERS_PACKED if packed else TRANSFORMERS, step, batch, note)
+        def step():
+            loss = model(**inputs).loss  # mean over target tokens
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return step
+
+    return Runner(TRANSFORMERS_PACKED if packed else TRANSFORMERS, start, batch, note)
 
 
-def logits_loss_step(model, optimizer, batch):
-    """A step for models that return logits: mean cross-entropy over the target tokens."""
+def logits_loss_start(model, batch):
+    """start() for models that return logits: steps of mean cross-entropy over the target tokens."""
     input_ids, labels = batch["input_ids"], batch["labels"]
 
-    def step():
-        logits = model(input_ids)  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+    def start():
+        optimizer = adamw(model)
 
-    return step
+        def step():
+            logits = model(input_ids)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return step
+
+    return start
 
 
 def torchtune_runner(config, args, dtype, state_dict, batch) -> Runner:
@@ -237,7 +269,7 @@ def torchtune_runner(config, args, dtype, state_dict, batch) -> Runner:
         converted[new] = tensor
     model.load_state_dict(converted, strict=True)
     model = model.to(device=args.device, dtype=dtype).train()
-    return Runner("torchtune", logits_loss_step(model, adamw(model), batch), batch, "logits + F.cross_entropy")
+    return Runner("torchtune", logits_loss_start(model, batch), batch, "logits + F.cross_entropy")
 
 
 def litgpt_runner(config, args, dtype, state_dict, batch) -> Runner:
@@ -258,7 +290,16 @@ def litgpt_runner(config, args, dtype, state_dict, batch) -> Runner:
     copy_weights_hf_llama(lit_config, {}, converted, dict(state_dict))
     model.load_state_dict(converted, strict=False)
     model = model.to(device=args.device, dtype=dtype).train()
-    return Runner("litgpt", logits_loss_step(model, adamw(model), batch), batch, "logits + F.cross_entropy")
+    return Runner("litgpt", logits_loss_start(model, batch), batch, "logits + F.cross_entropy")
+
+
+def sft_shaped(batch: dict, prompt_fraction: float) -> dict:
+    """The first `prompt_fraction` of every row made prompt: label -100, as an SFT collator leaves
+    a conversation's prompt. transformers gets the same labels (unshifted) for its labels= loss."""
+    n_prompt = int(round(prompt_fraction * batch["labels"].shape[1]))
+    if n_prompt:
+        batch["labels"][:, :n_prompt] = IGNORE_INDEX
+    return batch
 
 
 def build_runners(config, args, dtype, only: str | None = None) -> tuple[list[Runner], list[str]]:
@@ -266,7 +307,8 @@ def build_runners(config, args, dtype, only: str | None = None) -> tuple[list[Ru
     def on_device(batch):
         return {key: value.to(args.device) for key, value in batch.items()}
 
-    plain = on_device(make_batch(args.batch_size, args.seq_len, config.vocab_size, 0, args.seed))
+    plain = on_device(sft_shaped(make_batch(args.batch_size, args.seq_len, config.vocab_size, 0, args.seed),
+                                 args.prompt_fraction))
     packed = on_device(make_batch(args.batch_size, args.seq_len, config.vocab_size, args.packed_docs, args.seed)) \
         if args.packed_docs > 1 else None
     notes, runners = [], []
@@ -286,6 +328,9 @@ def build_runners(config, args, dtype, only: str | None = None) -> tuple[list[Ru
     builders = {"torchtune": torchtune_runner, "litgpt": litgpt_runner}
     for peer in PEERS:
         if peer not in wanted or only not in (None, peer):
+            continue
+        if config.model_type != "llama":
+            notes.append(f"{peer}: built here for LLaMA shapes only, skipped for {config.model_type}")
             continue
         try:
             __import__(peer)
@@ -319,6 +364,8 @@ def timed_step(runner: Runner, device: str) -> float:
 
 def measure(runners: list[Runner], args, log) -> None:
     """Warm-up steps, then measured steps alternating between the runners (order reversed every round)."""
+    for runner in runners:
+        runner.ready()
     for round_index in range(args.warmup + args.steps):
         order = runners if round_index % 2 == 0 else runners[::-1]
         for runner in order:
@@ -338,6 +385,9 @@ def memory_probe(args) -> None:
         print("MEMORY_PROBE " + json.dumps({"name": args.memory_probe, "error": "; ".join(notes) or "not built"}))
         return
     runner = runners[0]
+    # The first AdamW a process builds imports modules worth ~70 MB of RSS (torch._dynamo and
+    # friends), whichever library builds it: code, not training memory, so it is loaded first.
+    adamw(torch.nn.Linear(1, 1, bias=False).to(args.device))
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -346,6 +396,7 @@ def memory_probe(args) -> None:
     else:
         base = rss_bytes()
         reset_peak_rss()
+    runner.ready()  # the optimizer, and nanotune's AdamW state, after the baseline: both are counted
     for _ in range(args.memory_steps):
         runner.step()
     if args.device.startswith("cuda"):
@@ -356,17 +407,21 @@ def memory_probe(args) -> None:
     print("MEMORY_PROBE " + json.dumps({"name": runner.name, "train_memory_bytes": extra, "model_rss_bytes": base}))
 
 
-def probe_memory_in_subprocess(name: str, argv: list[str], malloc_default: bool, log) -> int | None:
+def probe_memory_in_subprocess(name: str, argv: list[str], log, in_use: bool = False) -> int | None:
     """Run `--memory-probe name` in a fresh process and return the training memory it reports.
 
-    Unless `malloc_default`, glibc is told to serve every allocation above 64 KiB with its own
-    mmap (MALLOC_MMAP_THRESHOLD_=65536), so freed tensors go back to the OS at once and RSS
-    follows the memory in use. With glibc's default, freed blocks below its (moving) threshold
-    stay in the process, and the peak then also depends on the order of frees: the same run gives
-    figures several percent apart. Both implementations are measured under the same rule.
+    By default the child runs as a user's training runs: glibc's default malloc, whose freed blocks
+    partly stay in the process (its mmap threshold grows with the sizes freed, and the heap keeps
+    holes it cannot hand back), so RSS is what the operating system sees the run hold.
+    `in_use=True` tells glibc to serve every allocation above 64 KiB with its own mmap
+    (MALLOC_MMAP_THRESHOLD_=65536), so freed tensors go back at once and the peak follows the
+    memory tensors actually occupy: shown beside, as the floor the allocator could reach. No
+    figure of README depends on it.
     """
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-probe", name]
-    env = dict(os.environ) if malloc_default else dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if in_use else dict(os.environ)
+    if not in_use:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
     for line in result.stdout.splitlines():
         if line.startswith("MEMORY_PROBE "):
@@ -386,7 +441,7 @@ def reference_name(name: str, names: list[str]) -> str | None:
     return TRANSFORMERS if TRANSFORMERS in names else None
 
 
-def summarise(runners, config, peak_flops, memory) -> list[dict]:
+def summarise(runners, config, peak_flops, memory, in_use) -> list[dict]:
     """One row of figures per implementation (medians of the measured steps)."""
     names = [r.name for r in runners]
     medians = {r.name: statistics.median(r.times) for r in runners}
@@ -397,6 +452,7 @@ def summarise(runners, config, peak_flops, memory) -> list[dict]:
         flops = train_step_flops(config, tokens, squared_document_lengths(runner.batch))
         reference = reference_name(runner.name, names)
         own_memory, reference_memory = memory.get(runner.name), memory.get(reference)
+        own_in_use, reference_in_use = in_use.get(runner.name), in_use.get(reference)
         rows.append({
             "name": runner.name,
             "median_step_s": median,
@@ -409,6 +465,8 @@ def summarise(runners, config, peak_flops, memory) -> list[dict]:
             "achieved_gflops": flops / median / 1e9,
             "train_memory_mib": own_memory / 2**20 if own_memory else None,
             "memory_ratio_to_transformers": own_memory / reference_memory if own_memory and reference_memory else None,
+            "in_use_memory_mib": own_in_use / 2**20 if own_in_use else None,
+            "in_use_ratio_to_transformers": own_in_use / reference_in_use if own_in_use and reference_in_use else None,
             "first_step_loss": runner.first_loss,
             "note": runner.note,
         })
@@ -421,14 +479,17 @@ def print_table(rows, log) -> None:
 
     log("")
     log(f"{'implementation':30s} {'step s':>7s} {'tokens/s':>9s} {'ratio':>6s} {'MFU':>6s} {'GFLOP/s':>8s} "
-        f"{'memory MiB':>10s} {'mem ratio':>9s} {'loss@1':>9s}")
+        f"{'memory MiB':>10s} {'mem ratio':>9s} {'in use MiB':>10s} {'ratio':>6s} {'loss@1':>9s}")
     for row in rows:
         log(f"{row['name']:30s} {row['median_step_s']:7.3f} {row['tokens_per_s']:9.1f} "
             f"{figure(row['ratio_to_transformers'], '.3f'):>6s} {100 * row['mfu']:5.1f}% {row['achieved_gflops']:8.1f} "
             f"{figure(row['train_memory_mib'], '.0f'):>10s} {figure(row['memory_ratio_to_transformers'], '.3f'):>9s} "
+            f"{figure(row['in_use_memory_mib'], '.0f'):>10s} {figure(row['in_use_ratio_to_transformers'], '.3f'):>6s} "
             f"{row['first_step_loss']:9.6f}")
     log("ratio: transformers' median step time / this one's (> 1: faster); packed nanotune is compared with "
-        "packed transformers. mem ratio: training memory / transformers'. loss@1: first-step loss (same weights)")
+        "packed transformers. memory: peak RSS above the built model over the probe's steps, glibc's default "
+        "malloc (what a user's run holds); in use: the same with MALLOC_MMAP_THRESHOLD_=65536 (freed memory "
+        "returned at once; the floor, not a user's figure). loss@1: first-step loss (same weights)")
 
 
 def run_benchmark(args, argv) -> dict:
@@ -456,17 +517,23 @@ def run_benchmark(args, argv) -> dict:
         peak = peak_after
 
     for runner in runners:
-        runner.step = None  # drop the models and optimizers before the memory probes run beside us
+        runner.step = runner.start = None  # drop the models and optimizers before the memory probes run beside us
     gc.collect()
-    memory = {}
+    memory, in_use = {}, {}
     if args.memory:
-        log("training memory, one fresh process per implementation ...")
+        log("training memory, one fresh process per implementation (glibc's default malloc) ...")
         for runner in runners:
-            memory_bytes = probe_memory_in_subprocess(runner.name, argv, args.malloc_default, log)
+            memory_bytes = probe_memory_in_subprocess(runner.name, argv, log)
             if memory_bytes is not None:
                 memory[runner.name] = memory_bytes
+        if args.in_use:
+            log("memory in use (MALLOC_MMAP_THRESHOLD_=65536 in the probe only), one fresh process each ...")
+            for runner in runners:
+                memory_bytes = probe_memory_in_subprocess(runner.name, argv, log, in_use=True)
+                if memory_bytes is not None:
+                    in_use[runner.name] = memory_bytes
 
-    rows = summarise(runners, config, peak, memory)
+    rows = summarise(runners, config, peak, memory, in_use)
     print_table(rows, log)
     result = {
         "device": device_description(args.device),
@@ -608,7 +675,7 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--packed-docs", type=int, default=0, help="N > 1: rows packed with N documents each")
     parser.add_argument("--packed-attention", default="auto", help="nanotune's: auto, spans, mask, flex")
-    parser.add_argument("--loss-chunk-tokens", type=int, default=1024, help="nanotune's model.loss_chunk_tokens")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=512, help="nanotune's model.loss_chunk_tokens")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (all implementations)")
     parser.add_argument("--impls", default="nanotune,transformers,torchtune,litgpt")
     parser.add_argument("--steps", type=int, default=10, help="measured steps per implementation")
@@ -617,8 +684,10 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
     parser.add_argument("--memory-steps", type=int, default=3, help="steps run by each memory probe")
-    parser.add_argument("--malloc-default", action="store_true",
-                        help="memory probes with glibc's default malloc (RSS then includes freed blocks glibc keeps)")
+    parser.add_argument("--no-in-use", dest="in_use", action="store_false",
+                        help="skip the second probes (memory in use, with MALLOC_MMAP_THRESHOLD_ set in them)")
+    parser.add_argument("--prompt-fraction", type=float, default=0.0,
+                        help="SFT-shaped rows: this fraction of each row is prompt (labels -100), the rest reply")
     parser.add_argument("--max-load", type=float, default=0.0,
                         help="wait (up to --max-wait s) for the 1-minute load to fall below this first")
     parser.add_argument("--max-wait", type=float, default=600.0)

@@ -41,7 +41,7 @@ IGNORE_INDEX = -100  # the label of a position that carries no loss (PyTorch's a
 class LogitsWorkspace:
     """A (rows, V) fp32 buffer for the loss's chunk of logits, kept from one step to the next.
 
-    A fresh (1024, 32000) fp32 tensor on the CPU is a fresh 131 MB mapping whose every page is
+    A fresh (512, 32000) fp32 tensor on the CPU is a fresh 66 MB mapping whose every page is
     faulted in and zeroed on first touch; one buffer reused across steps pays that once (see
     README's performance section). CPU only: CUDA's caching allocator already reuses freed memory.
     The model owns one (`Llama.logits_workspace`); it is not a registered buffer, so it is never

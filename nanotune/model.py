@@ -35,6 +35,7 @@ from .attention_plan import (  # noqa: F401 (re-exported: make_attention_plan, b
     AttentionPlan, attend, block_diagonal_causal_mask, make_attention_plan, resolve_packed_attention)
 from .kv_cache import KVCache  # noqa: F401 (re-exported)
 from .model_config import LlamaConfig
+from .swiglu import swiglu_mlp
 from .rope import apply_rotary, rope_inverse_frequencies, rotary_cos_sin  # noqa: F401 (re-exported)
 
 
@@ -91,7 +92,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). Training with plain bias-free projections goes through
+    `swiglu_mlp`, which saves less for the backward (swiglu.py); anything else runs the expression."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -101,6 +103,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(I, C, bias=bias)
 
     def forward(self, x):
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        if torch.is_grad_enabled() and all(type(p) is nn.Linear and p.bias is None for p in projections):
+            return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -145,7 +150,7 @@ class Llama(nn.Module):
       loss_chunk_tokens  tokens per chunk of the fused lm_head + cross-entropy (loss.py).
     """
 
-    def __init__(self, config: LlamaConfig, packed_attention: str = "auto", loss_chunk_tokens: int = 1024):
+    def __init__(self, config: LlamaConfig, packed_attention: str = "auto", loss_chunk_tokens: int = 512):
         super().__init__()
         if packed_attention not in ("auto", "spans", "mask", "flex"):
             raise ValueError(f"packed_attention must be auto, spans, mask or flex, not {packed_attention!r}")

@@ -50,7 +50,37 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device_type: str = "c
         kwargs["foreach"] = True
     else:
         kwargs["foreach"] = False
-    return torch.optim.AdamW(groups, **kwargs)
+    optimizer = torch.optim.AdamW(groups, **kwargs)
+    create_adamw_state(optimizer)
+    return optimizer
+
+
+def create_adamw_state(optimizer: torch.optim.AdamW) -> None:
+    """Create AdamW's state now, as its first step would (zero moments, step 0), not in that step.
+
+    The result is the same optimizer, bit for bit (tests/test_optim.py). What changes is where the
+    memory comes from: the moments are twice the trained parameters, allocated once and kept. Made
+    before the first forward, they sit below the step's short-lived tensors in the heap; made by the
+    first `optimizer.step()`, they land in the holes the first backward left, and pin the heap
+    around them at its largest, which glibc then never gives back (README: performance).
+    """
+    for group in optimizer.param_groups:
+        # Where AdamW keeps `step`: a tensor on the parameter's device for the fused and capturable
+        # kernels, a CPU scalar otherwise (torch/optim/adam.py, `_init_group`).
+        on_device = group.get("fused") or group.get("capturable")
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state:
+                continue
+            if on_device:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            else:
+                dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                state["step"] = torch.tensor(0.0, dtype=dtype)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def warmup_steps_for(config: OptimConfig, total_steps: int) -> int:

@@ -55,3 +55,33 @@ def test_every_adamw_implementation_gives_the_same_update(fused):
             optimizer.zero_grad(set_to_none=True)
         results.append(model.lm_head.weight.detach().clone())
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fused", "foreach", "none"])
+def test_state_created_before_the_first_step_is_adamws_own_and_changes_no_update(mode):
+    """build_optimizer creates AdamW's state up front (create_adamw_state, for the allocator's sake):
+    it must be what AdamW's own first step creates (keys, dtypes, devices, shapes), and training
+    with it must give bit for bit the weights of a plain lazily initialised AdamW."""
+    import torch
+
+    def train(optimizer, model):
+        ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+        for _ in range(3):
+            model(ids, labels=ids).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in model.parameters()]
+
+    config = OptimConfig(lr=1e-2, weight_decay=0.1, fused=mode)
+    ours_model, lazy_model = tiny_model(seed=3), tiny_model(seed=3)
+    ours = build_optimizer(ours_model, config)
+    assert len(ours.state) == sum(1 for p in ours_model.parameters() if p.requires_grad)  # before any step
+    created = {name: {k: (v.dtype, v.device, v.shape) for k, v in ours.state[p].items()}
+               for name, p in ours_model.named_parameters()}
+    assert all(float(ours.state[p]["step"]) == 0 and not ours.state[p]["exp_avg"].any() for p in ours_model.parameters())
+    flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "none": dict(foreach=False)}[mode]
+    lazy = torch.optim.AdamW(parameter_groups(lazy_model, 0.1), lr=1e-2, betas=tuple(config.betas), eps=config.eps, **flags)
+    ours_weights, lazy_weights = train(ours, ours_model), train(lazy, lazy_model)
+    assert created == {name: {k: (v.dtype, v.device, v.shape) for k, v in lazy.state[p].items()}
+                       for name, p in lazy_model.named_parameters()}
+    assert all(torch.equal(a, b) for a, b in zip(ours_weights, lazy_weights))
