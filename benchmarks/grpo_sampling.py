@@ -24,8 +24,9 @@ times each, so a slow drift of the machine's load touches all alike:
 
     nanotune          generate_batch, one generator for the batch
     nanotune per-row  generate_batch, one generator per row (what train_grpo uses: reproducible
-                      whatever the batch; inverse-CDF sampling from one uniform per row, which
-                      on the CPU is also cheaper than torch.multinomial over the vocabulary)
+                      whatever the batch). Both draw one uniform number per row and token and
+                      take the token whose CDF step holds it, which on the CPU costs a fraction
+                      of torch.multinomial over the vocabulary
     transformers      LlamaForCausalLM.generate(do_sample=True), SDPA attention, its default cache
 
 On a shared CPU, `--threads 1` measures both libraries on one thread each: with more threads than

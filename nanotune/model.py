@@ -35,6 +35,7 @@ from .attention_plan import (  # noqa: F401 (re-exported: make_attention_plan, b
     AttentionPlan, attend, block_diagonal_causal_mask, make_attention_plan, resolve_packed_attention)
 from .kv_cache import KVCache  # noqa: F401 (re-exported)
 from .model_config import LlamaConfig
+from .rms_norm import rms_norm, rms_norm_reference
 from .swiglu import swiglu_mlp
 from .rope import apply_rotary, rope_inverse_frequencies, rotary_cos_sin  # noqa: F401 (re-exported)
 
@@ -42,7 +43,8 @@ from .rope import apply_rotary, rope_inverse_frequencies, rotary_cos_sin  # noqa
 # ---- Building blocks --------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 and cast back (as HF does, so bf16 runs match)."""
+    """x / rms(x) * weight, computed in fp32 and cast back (as HF does, so bf16 runs match). With
+    gradients on, `rms_norm` (rms_norm.py) keeps only the input for the backward."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -50,11 +52,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(input_dtype)
-
+        if torch.is_grad_enabled():
+            return rms_norm(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
