@@ -334,8 +334,9 @@ def build_runners(config, args, dtype, only: str | None = None) -> tuple[list[Ru
             continue
         try:
             __import__(peer)
-        except ImportError:
-            notes.append(f"{peer}: not installed, skipped")
+        except ImportError as error:
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            notes.append(f"{peer}: cannot be imported ({type(error).__name__}: {first_line}), skipped")
             continue
         if state_dict is None:  # a memory probe builds the peer alone, from nanotune's init
             state_dict = nanotune_model(config, args.seed, torch.float32, "cpu").state_dict()
