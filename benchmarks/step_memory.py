@@ -4,21 +4,19 @@
     python benchmarks/step_memory.py --impl transformers   # the same for transformers' labels= path
 
 Builds the model, then reads, after each phase of each step (forward, backward, optimizer step,
-zero_grad): the process's RSS above the built model, its peak so far, and glibc's own account of
-its heap (`mallinfo2`: bytes in use by live allocations, bytes free inside the heap, bytes in
-separate mmaps). RSS minus what is in use is what glibc keeps without handing it back. It also
-lists the tensors autograd saves for the backward, by the line of nanotune that saved them, and
-the long-lived parts of a step (AdamW's moments, the gradients, the logits workspace).
+zero_grad), the process's RSS above the built model and its peak so far. It also lists the
+tensors autograd saves for the backward, by the source line that saved them, and the long-lived
+parts of a step (AdamW's moments, the gradients, the logits workspace).
 
-glibc's default malloc, as a user runs: nothing here sets an allocator variable (run it with
-MALLOC_MMAP_THRESHOLD_=65536 in the environment to see the in-use floor).
+glibc's default malloc, as a user runs: nothing here sets an allocator variable. Run it again with
+MALLOC_MMAP_THRESHOLD_=65536 in the environment to see the memory tensors occupy (freed blocks
+then go back to the OS at once); the difference is what glibc keeps.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import gc
 import sys
 import traceback
@@ -35,23 +33,6 @@ from nanotune.loss import IGNORE_INDEX  # noqa: E402
 from nanotune.optim import build_optimizer  # noqa: E402
 
 MiB = 2**20
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
-def heap_account() -> tuple[float, float, float] | None:
-    """(in use, free inside the heap, mmapped) MiB from glibc's mallinfo2, or None off glibc >= 2.33."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-        info = libc.mallinfo2()
-    except (OSError, AttributeError):
-        return None
-    return (info.uordblks + info.hblkhd) / MiB, info.fordblks / MiB, info.hblkhd / MiB
 
 
 def saved_for_backward(model, inputs: dict) -> collections.Counter:
@@ -115,17 +96,10 @@ def main(argv=None):
     print(f"long-lived: AdamW moments {2 * n_trained / MiB:.0f} MiB, gradients {n_trained / MiB:.0f} MiB"
           + (f", logits workspace {model.loss_chunk_tokens * config.vocab_size * 4 / MiB:.0f} MiB"
              if args.impl == "nanotune" else ""))
-    print(f"{'':22s} {'RSS':>7s} {'peak':>7s} {'in use':>7s} {'kept free':>9s}   (MiB above the built model)")
-    account_base = heap_account()
+    print(f"{'':22s} {'RSS':>7s} {'peak':>7s}   (MiB above the built model)")
 
     def report(label):
-        rss, peak = (rss_bytes() - base) / MiB, (peak_rss_bytes() - base) / MiB
-        account = heap_account()
-        if account and account_base:
-            in_use = account[0] - account_base[0]
-            print(f"{label:22s} {rss:7.0f} {peak:7.0f} {in_use:7.0f} {rss - in_use:9.0f}")
-        else:
-            print(f"{label:22s} {rss:7.0f} {peak:7.0f}")
+        print(f"{label:22s} {(rss_bytes() - base) / MiB:7.0f} {(peak_rss_bytes() - base) / MiB:7.0f}")
 
     report("optimizer built")
     for step in range(1, args.steps + 1):

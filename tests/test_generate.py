@@ -174,14 +174,11 @@ def test_shared_prompts_are_prefilled_once_and_finished_rows_leave_the_batch(mod
     # The token these rows sample most often, made the EOS: rows then end at different steps.
     eos = torch.tensor(sum(sample_alone(None), [])).bincount().argmax().item()
     alone = sample_alone(eos)
-    batch_sizes = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(args[0].shape[0]),
-                                           with_kwargs=True)
+    rows_per_forward = []  # the prefill first, then one decode step per token
     real_hidden_states = model.hidden_states
-    prefill_rows = []
 
     def counting_hidden_states(input_ids, *args, **kwargs):
-        prefill_rows.append(input_ids.shape)
+        rows_per_forward.append(input_ids.shape[0])
         return real_hidden_states(input_ids, *args, **kwargs)
 
     model.hidden_states = counting_hidden_states
@@ -189,12 +186,12 @@ def test_shared_prompts_are_prefilled_once_and_finished_rows_leave_the_batch(mod
         together = generate_batch(model, prompts, 24, eos_id=eos,
                                   generator=[torch.Generator().manual_seed(i) for i in range(8)], **settings)
     finally:
-        hook.remove()
         del model.hidden_states
+    prefill_rows, batch_sizes = rows_per_forward[0], rows_per_forward[1:]
     assert together == alone
     lengths = sorted(len(tokens) for tokens in alone)
     assert lengths[0] < lengths[-1] and lengths[1] < 24  # rows did finish at different steps
-    assert prefill_rows[0][0] == 2  # two distinct prompts prefilled, not eight rows
+    assert prefill_rows == 2  # two distinct prompts prefilled, not eight rows
     # Forward s makes token s + 1: it must hold every row still going, and holds fewer than 8.
     assert all(size >= sum(n > s + 1 for n in lengths) for s, size in enumerate(batch_sizes))
     assert batch_sizes == sorted(batch_sizes, reverse=True) and batch_sizes[-1] < 8
@@ -271,3 +268,24 @@ def test_generation_restores_training_mode_and_rejects_bad_options():
     with pytest.raises(ValueError, match="empty"):
         generate(model, [], 2)
     assert generate(model, [1, 2], 0) == []
+
+
+def test_next_token_logits_is_the_lm_head_in_either_layout(model_and_hf):
+    """Decode steps take the lm_head as weight @ hidden.T on the CPU (faster there); it is the same
+    product as lm_head(hidden), and a head that is not a plain bias-free Linear takes the plain call."""
+    from nanotune.generate import next_token_logits
+
+    model, _ = model_and_hf
+    hidden = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.lm_head(hidden)
+        got = next_token_logits(model, hidden)
+        assert got.shape == expected.shape and got.is_contiguous()
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        calls = []
+        hook = model.lm_head.register_forward_hook(lambda *args: calls.append(1))
+        try:
+            next_token_logits(model, hidden)
+            assert calls == []  # the plain Linear was not called: the transposed product was used
+        finally:
+            hook.remove()
