@@ -27,7 +27,6 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .config import RunConfig, save_config
+from .config import RunConfig
 from .data.prompts import PromptRecord, fields_of
 from .data.sampler import GlobalBatchSampler
 from .distributed import Run
@@ -48,7 +47,7 @@ from .rewards import Reward, score
 from .run_lock import unlock_output_dir
 from .run_log import DivergenceGuard, MetricsFile
 from .train import clip_gradients, mixed_precision, save_final
-from .train_state import TrainingState, last_checkpoint, run_layout, seed_everything
+from .train_state import TrainingState, begin_run, last_checkpoint, run_layout
 
 log = logging.getLogger("nanotune")
 
@@ -73,12 +72,7 @@ def train_grpo(
 ) -> GRPOResult:
     """Train `model` with GRPO on `prompts` (encoded PromptRecords) as `config.grpo` says."""
     grpo = config.grpo
-    output_dir = Path(config.output_dir)
-    if run.is_main:
-        save_config(config, output_dir)
-    seed_everything(config.seed, run.rank)
-    if config.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+    output_dir = begin_run(config, run)
 
     # The models: the policy (and a frozen reference copy, sharded alike) in one ordered recipe.
     trainable_only = any(not p.requires_grad for p in model.parameters())

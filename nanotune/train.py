@@ -29,7 +29,7 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import generation_config_text, save_pretrained
-from .config import RunConfig, save_config, to_toml
+from .config import RunConfig, to_toml
 from .data.sampler import GlobalBatchSampler
 from .distributed import Run
 from .files import replace_folder, temporary_folder, write_text_atomically
@@ -40,7 +40,7 @@ from .optim import build_optimizer, schedule_from_config
 from .preflight import check_enough_samples
 from .run_lock import unlock_output_dir
 from .run_log import DivergenceGuard, LogWindow, MetricsFile, log_start, log_summary, progress_bar
-from .train_state import EvalTracker, TrainingState, last_checkpoint, run_layout, seed_everything
+from .train_state import EvalTracker, TrainingState, begin_run, last_checkpoint, run_layout
 
 log = logging.getLogger("nanotune")
 
@@ -73,12 +73,7 @@ def train(
     the final model's tokenizer, so `apply_chat_template` lays conversations out as training did.
     """
     objective = objective or TokenObjective()
-    output_dir = Path(config.output_dir)
-    if run.is_main:
-        save_config(config, output_dir)
-    seed_everything(config.seed, run.rank)
-    if config.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+    output_dir = begin_run(config, run)
 
     # The model: checkpointing, compilation, sharding and the device, in one ordered recipe.
     trainable_only = any(not p.requires_grad for p in model.parameters())

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, save_config
 from .distributed import Run
 from .files import remove_stale_temporaries, replace_folder, write_text_atomically
 from .safe_dcp import CheckpointStateError, check_checkpoint_folder, load_rng_state, load_state_safely
@@ -37,6 +37,19 @@ log = logging.getLogger("nanotune")
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
+
+
+def begin_run(config: RunConfig, run: Run) -> Path:
+    """What every training loop does first: rank 0 writes the run's config beside its checkpoints,
+    each rank seeds itself, and deterministic kernels are switched on where the config asks.
+    Returns the output folder."""
+    output_dir = Path(config.output_dir)
+    if run.is_main:
+        save_config(config, output_dir)
+    seed_everything(config.seed, run.rank)
+    if config.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    return output_dir
 
 
 def seed_everything(seed: int, rank: int) -> None:
