@@ -58,10 +58,14 @@ def convert(
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--format", default="auto", choices=["auto", *READERS], help="input format (default: detect per file)")
-    parser.add_argument("--input", required=True, nargs="+", help="input .json/.jsonl files or globs")
+def conversion_cli(argv, description: str, readers, input_help: str, convert_function, unit: str) -> int:
+    """The command line both converters share (SFT conversations here, preference pairs in
+    convert_preference.py): the same options, the same one-line errors before anything is
+    written, the same report. `convert_function(inputs, output, format, dev_size, dev_output,
+    skip_invalid)` returns the counts, with `train_<unit>` and `dev_<unit>`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--format", default="auto", choices=["auto", *readers], help="input format (default: detect per file)")
+    parser.add_argument("--input", required=True, nargs="+", help=input_help)
     parser.add_argument("--output", required=True, help="output .jsonl")
     parser.add_argument("--dev-size", type=int, default=0, help="put the first N records in a dev file")
     parser.add_argument("--dev-output", default=None, help="dev file (default: <output stem>.dev.jsonl)")
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in (args.output, args.dev_output):
             if path and Path(path).is_dir():
                 raise DataError(f"{path}: is a directory; give the .jsonl file to write")
-        stats = convert(args.input, args.output, args.format, args.dev_size, args.dev_output, args.skip_invalid)
+        stats = convert_function(args.input, args.output, args.format, args.dev_size, args.dev_output, args.skip_invalid)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -81,10 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {os_error_line(error)}", file=sys.stderr)
         return 2
     print(f"records: {stats['records']} read, {stats['invalid']} invalid skipped")
-    print(f"train: {stats['train_conversations']} conversations -> {stats['output']}")
+    print(f"train: {stats[f'train_{unit}']} {unit} -> {stats['output']}")
     if "dev_output" in stats:
-        print(f"dev: {stats['dev_conversations']} conversations -> {stats['dev_output']}")
+        print(f"dev: {stats[f'dev_{unit}']} {unit} -> {stats['dev_output']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return conversion_cli(argv, __doc__.split("\n\n")[0], READERS, "input .json/.jsonl files or globs", convert,
+                          "conversations")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,12 @@ Both files are written atomically; a bad record stops the conversion with its `f
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from nanotune.data.convert import default_dev_path
+from nanotune.data.convert import conversion_cli, default_dev_path
 from nanotune.data.preference import READERS, iter_preference_records
-from nanotune.data.records import DataError, os_error_line
 from nanotune.files import write_lines_atomically
 
 
@@ -44,29 +42,8 @@ def convert_pairs(inputs, output, format: str = "auto", dev_size: int = 0, dev_o
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--format", default="auto", choices=["auto", *READERS], help="input format (default: detect)")
-    parser.add_argument("--input", required=True, nargs="+", help="input .json/.jsonl/.txt files or globs")
-    parser.add_argument("--output", required=True, help="output .jsonl")
-    parser.add_argument("--dev-size", type=int, default=0, help="put the first N records in a dev file")
-    parser.add_argument("--dev-output", default=None, help="dev file (default: <output stem>.dev.jsonl)")
-    parser.add_argument("--skip-invalid", action="store_true", help="skip and count bad records instead of stopping")
-    args = parser.parse_args(argv)
-    if args.dev_size < 0:
-        parser.error("--dev-size must be >= 0")
-    try:
-        stats = convert_pairs(args.input, args.output, args.format, args.dev_size, args.dev_output, args.skip_invalid)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"error: {os_error_line(error)}", file=sys.stderr)
-        return 2
-    print(f"records: {stats['records']} read, {stats['invalid']} invalid skipped")
-    print(f"train: {stats['train_pairs']} pairs -> {stats['output']}")
-    if "dev_output" in stats:
-        print(f"dev: {stats['dev_pairs']} pairs -> {stats['dev_output']}")
-    return 0
+    return conversion_cli(argv, __doc__.split("\n\n")[0], READERS, "input .json/.jsonl/.txt files or globs",
+                          convert_pairs, "pairs")
 
 
 if __name__ == "__main__":
