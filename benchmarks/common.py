@@ -114,6 +114,25 @@ def make_batch(batch_size: int, seq_len: int, vocab_size: int, packed_docs: int,
     return batch
 
 
+def transformers_labels(labels: torch.Tensor) -> torch.Tensor:
+    """nanotune's shifted labels (B, T) as transformers' `labels=` wants them (B, T), unshifted.
+
+    transformers shifts labels itself: position t is trained on labels_hf[t + 1]. Ours are already
+    shifted (labels[t] is the target of position t), so labels_hf[t + 1] = labels[t]; the first
+    one is never read.
+    """
+    labels_hf = torch.full_like(labels, IGNORE_INDEX)
+    labels_hf[:, 1:] = labels[:, :-1]
+    return labels_hf
+
+
+def load_optimizer_modules() -> None:
+    """The first AdamW a process builds imports modules worth ~70 MB of RSS (torch._dynamo and
+    friends), whichever library builds it: code, not training memory, so memory probes build a
+    throwaway one before their baseline."""
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+
+
 def squared_document_lengths(batch: dict) -> int:
     """sum over rows and documents of T_d^2: the attention work of the batch (T^2 per plain row)."""
     if "document_ids" not in batch:

@@ -63,6 +63,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0 = torch's default)")
     args = parser.parse_args(argv)
+    if not 0 <= args.stop_ids <= 10000:
+        parser.error(f"--stop-ids must be between 0 and 10000 (ids 3 .. 3+K-1 of a 32k vocabulary), not {args.stop_ids}")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]

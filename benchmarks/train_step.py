@@ -74,6 +74,7 @@ from common import (  # noqa: E402
     device_description,
     device_sync,
     load_average,
+    load_optimizer_modules,
     make_batch,
     matmul_peak_flops,
     nanotune_model,
@@ -83,6 +84,7 @@ from common import (  # noqa: E402
     rss_bytes,
     squared_document_lengths,
     train_step_flops,
+    transformers_labels,
     transformers_model,
     wait_until_quiet,
 )
@@ -180,11 +182,7 @@ def transformers_runner(config, args, dtype, state_dict, batch, packed: bool) ->
             layer.compile()
     input_ids = batch["input_ids"]
     inputs = {"input_ids": input_ids}
-    # transformers shifts labels itself: position t is trained on labels[t + 1]. Our labels are
-    # already shifted, so unshift them: labels_hf[t + 1] = labels[t] (the first one is never read).
-    labels_hf = torch.full_like(input_ids, IGNORE_INDEX)
-    labels_hf[:, 1:] = batch["labels"][:, :-1]
-    inputs["labels"] = labels_hf
+    inputs["labels"] = transformers_labels(batch["labels"])  # unshifted: transformers shifts itself
     note = "its own labels= loss over full (B, T, V) logits"
     if packed:
         inputs["attention_mask"] = block_diagonal_causal_mask(batch["document_ids"])  # (B, 1, T, T)
@@ -386,9 +384,7 @@ def memory_probe(args) -> None:
         print("MEMORY_PROBE " + json.dumps({"name": args.memory_probe, "error": "; ".join(notes) or "not built"}))
         return
     runner = runners[0]
-    # The first AdamW a process builds imports modules worth ~70 MB of RSS (torch._dynamo and
-    # friends), whichever library builds it: code, not training memory, so it is loaded first.
-    adamw(torch.nn.Linear(1, 1, bias=False).to(args.device))
+    load_optimizer_modules()  # ~70 MB of lazily imported code, before the baseline
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -697,7 +693,10 @@ def parse_args(argv):
     parser.add_argument("--loop-log-every", type=int, default=4, help="--loop: steps per log window")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.prompt_fraction < 1:
+        parser.error(f"--prompt-fraction must be in [0, 1): some of every row must be reply, not {args.prompt_fraction}")
+    return args
 
 
 def main(argv=None):

@@ -201,9 +201,9 @@ def next_token_logits(model: Llama, hidden: torch.Tensor) -> torch.Tensor:
     """The lm_head on the last hidden state of each row: hidden (B, C) -> logits (B, V).
 
     A decode step multiplies a few rows by the largest matrix of the model, (V, C). On the CPU,
-    MKL computes that product as weight @ hidden.T, (V, C) @ (C, B), a quarter to a third faster
-    than hidden @ weight.T, (B, C) @ (C, V), the layout nn.Linear asks for (benchmarks/
-    grpo_sampling.py); the result is the same product, laid out (V, B), copied back to (B, V).
+    MKL computes that product faster as weight @ hidden.T, (V, C) @ (C, B), than as
+    hidden @ weight.T, (B, C) @ (C, V), the layout nn.Linear asks for (benchmarks/grpo_sampling.py
+    measures the whole); the result is the same product, laid out (V, B), copied back to (B, V).
     A LoRA or quantized head, a biased one and an FSDP-sharded model take the plain call.
     """
     head = model.lm_head
@@ -261,8 +261,8 @@ def choose_next_token(
 def sample_inverse_cdf(probabilities: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """probabilities (B, V), one uniform number in [0, 1) per row (B,) -> one token per row (B,).
 
-    The token whose CDF step holds the number: one batched cumsum and searchsorted, where
-    torch.multinomial on the CPU costs several times more per row over a 32k vocabulary. Row b
+    The token whose CDF step holds the number: one batched cumsum and searchsorted, cheaper on
+    the CPU than torch.multinomial over a large vocabulary. Row b
     depends on uniforms[b] alone, so a generator per row makes a row's tokens independent of the
     rest of the batch. A token of probability 0 (cut by top-k or top-p) is never chosen: its CDF
     step is empty.

@@ -59,16 +59,16 @@ class KVCache:
         max_len = self.max_len if max_len is None else max_len
         if max_len < self.length:
             raise ValueError(f"a cache of {max_len} tokens cannot hold the {self.length} stored")
-        new = KVCache.__new__(KVCache)
         n = self.length
-        new.keys, new.values = [], []
-        for keys, values in zip(self.keys, self.values):
-            B, H_kv, _, D = keys.shape
-            new.keys.append(keys.new_zeros(len(rows), H_kv, max_len, D))
-            new.values.append(values.new_zeros(len(rows), H_kv, max_len, D))
-            new.keys[-1][:, :, :n] = keys[rows, :, :n]
-            new.values[-1][:, :, :n] = values[rows, :, :n]
-        new.key_is_real = self.key_is_real.new_ones(len(rows), max_len)
+
+        def gathered(buffer):  # (B, H_kv, max_len, D) -> (B_new, H_kv, new max_len, D), the stored n copied
+            out = buffer.new_zeros(len(rows), buffer.shape[1], max_len, buffer.shape[3])
+            out[:, :, :n] = buffer[rows, :, :n]
+            return out
+
+        new = KVCache.__new__(KVCache)  # every field set below; no config needed to copy one
+        new.keys, new.values = [gathered(k) for k in self.keys], [gathered(v) for v in self.values]
+        new.key_is_real = self.key_is_real.new_ones(len(rows), max_len)  # (B_new, max_len)
         new.key_is_real[:, : min(max_len, self.max_len)] = self.key_is_real[rows, :max_len]
         new.max_len, new.length, new._pending = max_len, n, 0
         return new

@@ -60,9 +60,9 @@ def create_adamw_state(optimizer: torch.optim.AdamW) -> None:
 
     The result is the same optimizer, bit for bit (tests/test_optim.py). What changes is where the
     memory comes from: the moments are twice the trained parameters, allocated once and kept. Made
-    before the first forward, they sit below the step's short-lived tensors in the heap; made by the
-    first `optimizer.step()`, they land in the holes the first backward left, and pin the heap
-    around them at its largest, which glibc then never gives back (README: performance).
+    before the first forward, they are allocated before the step's short-lived tensors; made by the
+    first `optimizer.step()`, they land among the holes the first backward left in the heap, and
+    hold it at its largest: memory the process keeps without using (README: performance).
     """
     for group in optimizer.param_groups:
         # Where AdamW keeps `step`: a tensor on the parameter's device for the fused and capturable

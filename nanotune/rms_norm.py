@@ -3,8 +3,8 @@
 Autograd keeps, per norm, the fp32 input and the normalised x (and the weight's product), two
 (N, C) tensors for a computation that one (N, C) tensor and one number per row can redo: the
 input x and its 1 / rms. `rms_norm` saves those and recomputes x / rms(x) in the backward, one
-elementwise pass. LLaMA has two norms per layer (three more per layer in Qwen3: q_norm and
-k_norm over each head), so this is a quarter of a layer's saved activations at the issue's shape.
+elementwise pass. LLaMA has two norms per layer (Qwen3 two more: q_norm and k_norm over each
+head), so the saving counts in every layer.
 
 The arithmetic is transformers' own, in the same order (fp32 inside, cast back before the
 weight), so bf16 results match HF's as the plain expression does; `RMSNorm` (model.py) uses the

@@ -2,10 +2,10 @@
 
 Autograd saves what each op needs: gate's and up's input x, gate's output g, silu's output a,
 up's output u, and their product h (down's input): four (N, I) tensors per layer besides x, where
-I is 2.75 C in LLaMA, which makes the MLP's the largest activations of a step (62% of them at the
-issue's shape, README's performance section). `swiglu_mlp` saves x, g and u only and recomputes
-a = silu(g) and h = a * u in the backward: two elementwise passes, no matmul, for 40% less
-saved memory per layer.
+I is about 2.7 C in LLaMA, which makes the MLP's the largest activations of a step (README's
+performance section has the breakdown). `swiglu_mlp` saves x, g and u only and recomputes
+a = silu(g) and h = a * u in the backward: two elementwise passes, no matmul, for half of the
+(N, I) memory.
 
 `MLP` (model.py) uses it only where it gives the same result as the plain expression: three plain
 `nn.Linear` without bias, gradients on. Everything else (LoRA and QLoRA projections, biases,
