@@ -15,7 +15,9 @@ alike, and the median step time is reported:
 * tokens/s and the ratio to transformers;
 * MFU: the FLOPs of the step (`common.train_step_flops`: 6 * matmul parameters * tokens plus
   causal attention 12 * L * C * T^2 / 2 per row) per second, over the FLOP/s of a large matmul
-  measured here (`common.matmul_peak_flops`), not a datasheet figure;
+  measured here (`common.matmul_peak_flops`), not a datasheet figure; the same FLOPs at that
+  peak are the step's floor, and transformers' step over the floor is the most any
+  implementation could gain on it (printed as "floor");
 * training memory: the extra memory a step needs above the built model (gradients, AdamW state,
   activations, logits). RSS peaks are per process, so each implementation is measured alone in
   a fresh subprocess (`--memory-probe`): peak RSS (VmHWM, reset after the model is built) minus
@@ -459,6 +461,7 @@ def summarise(runners, config, peak_flops, memory, in_use) -> list[dict]:
             "compared_with": reference,
             "ratio_to_transformers": medians[reference] / median if reference else None,
             "mfu": flops / median / peak_flops,
+            "floor_s": flops / peak_flops,  # the step's FLOPs at the measured matmul peak
             "achieved_gflops": flops / median / 1e9,
             "train_memory_mib": own_memory / 2**20 if own_memory else None,
             "memory_ratio_to_transformers": own_memory / reference_memory if own_memory and reference_memory else None,
@@ -544,6 +547,14 @@ def run_benchmark(args, argv) -> dict:
         "notes": notes,
     }
     medians = {row["name"]: row["median_step_s"] for row in rows}
+    floors = {row["name"]: row["floor_s"] for row in rows}
+    if NANOTUNE in medians and TRANSFORMERS in medians:
+        # How much faster than transformers a step could be at all: its FLOPs at the matmul peak
+        # and nothing else (no softmax, norm, attention overhead, optimizer or allocator).
+        result["ratio_ceiling"] = medians[TRANSFORMERS] / floors[NANOTUNE]
+        log(f"floor: the step's FLOPs at the measured matmul peak take {floors[NANOTUNE]:.3f} s; above it nanotune "
+            f"spends {medians[NANOTUNE] - floors[NANOTUNE]:.3f} s, transformers {medians[TRANSFORMERS] - floors[TRANSFORMERS]:.3f} s; "
+            f"a step with nothing but those FLOPs would be {result['ratio_ceiling']:.3f}x transformers'")
     if NANOTUNE_PACKED in medians and NANOTUNE in medians:
         result["nanotune_packed_over_plain_step_time"] = medians[NANOTUNE_PACKED] / medians[NANOTUNE]
         log(f"nanotune packed ({args.packed_docs} documents per row) / nanotune plain, step time: "

@@ -71,9 +71,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     memory is one chunk of logits, and nothing is recomputed. backward only scales the stored
     gradients by the incoming scalar.
 
-    Besides the three matmuls, passes over the (n, V) chunk are what cost, so they are kept to
-    five: max, subtract in place, exp in place, sum, scale in place (`torch.logsumexp` followed by
-    a softmax takes eight and two (n, V) allocations). How the chunk size trades against speed is
+    Besides the three matmuls, passes over the (n, V) chunk are what cost, so there is one: the
+    softmax in place, a row-wise kernel that keeps each row in cache while it finds the max, sums
+    the exponentials and scales (`torch.logsumexp` followed by a softmax takes eight passes and two
+    (n, V) allocations). Without gradients the loss needs no softmax: max, exp, sum in place. How the chunk size trades against speed is
     in README's performance section (`benchmarks/train_step.py --loss-chunk-tokens N`).
     """
 
@@ -97,16 +98,29 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 logits = torch.mm(h, weight.t(), out=workspace[: len(h)])  # (n, V)
             else:
                 logits = workspace[: len(h)].copy_(h @ weight.t())  # (n, V)
-            target_logit = logits.gather(1, safe_y[:, None]).squeeze(1)  # (n,), before logits are overwritten
-            row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-            exp = logits.sub_(row_max).exp_()  # (n, V), in place: the softmax numerators
-            row_sum = exp.sum(dim=-1)  # (n,)
-            log_normaliser = row_max.squeeze(1) + row_sum.log()  # (n,) = logsumexp of the logits
-            total += ((log_normaliser - target_logit) * is_target).sum()
             if not (need_hidden_grad or need_weight_grad):
+                target_logit = logits.gather(1, safe_y[:, None]).squeeze(1)  # (n,), before logits are overwritten
+                row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+                row_sum = logits.sub_(row_max).exp_().sum(dim=-1)  # (n,), in place: the softmax numerators
+                log_normaliser = row_max.squeeze(1) + row_sum.log()  # (n,) = logsumexp of the logits
+                total += ((log_normaliser - target_logit) * is_target).sum()
                 continue
+            # The softmax in place (one row-wise kernel: max, exp and sum, scale, each row in cache),
+            # and each token's loss -log p(target) read from it. A p below fp32's smallest normal
+            # number (a loss above 87) has lost its precision: those rows are recomputed exactly.
+            probabilities = torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # (n, V)
+            target_probability = probabilities.gather(1, safe_y[:, None]).squeeze(1)  # (n,)
+            token_loss = -target_probability.log()  # (n,)
+            underflowed = (target_probability < torch.finfo(torch.float32).tiny) & is_target  # (n,)
+            if underflowed.any():
+                rows = underflowed.nonzero().squeeze(1)
+                exact_logits = (h[rows] @ weight.t()).float()  # (r, V)
+                token_loss[rows] = torch.logsumexp(exact_logits, -1) - exact_logits.gather(1, safe_y[rows, None]).squeeze(1)
+            total += (token_loss * is_target).sum()
             # d loss / d logits = softmax - one_hot(target); rows without a target get zero.
-            d_logits = exp.mul_((is_target / row_sum)[:, None])  # (n, V) softmax, 0 on ignored rows
+            d_logits = probabilities  # (n, V)
+            if not bool(is_target.all()):
+                d_logits.mul_(is_target[:, None])
             d_logits[torch.arange(len(y), device=y.device), safe_y] -= is_target.to(d_logits.dtype)
             d_logits = d_logits.to(h.dtype)
             if need_hidden_grad:

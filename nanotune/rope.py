@@ -59,8 +59,49 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate x (B, H, T, D) by the angles of its positions; the rotate-half convention of HF.
 
     Dimension i pairs with i + D/2 (Meta's original code interleaves the pairs; HF checkpoints
-    permute the q/k weights so that rotate-half gives the same result).
+    permute the q/k weights so that rotate-half gives the same result). Eager, `_Rotary` computes
+    `apply_rotary_reference` with fewer passes and temporaries; a compiled block gets the
+    expression itself, which the compiler fuses into one kernel.
     """
+    if torch.compiler.is_compiling():
+        return apply_rotary_reference(x, cos, sin)
+    return _Rotary.apply(x, cos, sin)
+
+
+class _Rotary(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) added into the halves of
+    the output (no rotated copy of x), and its backward: the rotation transposed, g * cos +
+    cat(g2 * sin2, -g1 * sin1). The rotation is linear in x, so nothing of x is kept.
+
+    Plain multiplies and adds, each rounded once as in the expression, so the result is the
+    reference's bit for bit, whatever the row's layout (a fused multiply-add rounds differently
+    in a kernel's vector body and its tail, and a token would then depend on its neighbours)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        # x (B, H, T, D); cos, sin (B, T, D)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
+        half = x.shape[-1] // 2
+        out = x * cos  # (B, H, T, D)
+        product = torch.mul(x[..., half:], sin[..., :half])  # (B, H, T, D/2)
+        out[..., :half] -= product  # x1 cos1 - x2 sin1
+        out[..., half:] += torch.mul(x[..., :half], sin[..., half:], out=product)  # x2 cos2 + x1 sin2
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # (B, H, T, D)
+        cos, sin = ctx.saved_tensors
+        half = grad_out.shape[-1] // 2
+        grad_x = grad_out * cos
+        product = torch.mul(grad_out[..., half:], sin[..., half:])
+        grad_x[..., :half] += product  # x1 reached out2 through sin2
+        grad_x[..., half:] -= torch.mul(grad_out[..., :half], sin[..., :half], out=product)  # x2 reached out1 as -x2 sin1
+        return grad_x, None, None
+
+
+def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The expression as transformers writes it, autograd doing the backward: what `apply_rotary` must equal."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)

@@ -7,6 +7,7 @@ from helpers import hf_llama_from, tiny_model
 
 from nanotune.loss import (
     IGNORE_INDEX,
+    _LinearCrossEntropySum,
     _SequenceLogprobs,
     _TokenLogprobs,
     batch_sequence_ids,
@@ -42,6 +43,42 @@ def test_fused_cross_entropy_equals_the_readable_reference(chunk_size):
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
     for fast_grad, reference_grad in zip(fast_grads, reference_grads):
         torch.testing.assert_close(fast_grad, reference_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_cross_entropy_keeps_ignored_rows_at_zero_gradient_when_they_reach_the_kernel():
+    """On CUDA the rows without a target are not dropped first: the kernel itself must give them
+    zero loss and zero gradient (called here directly, as it runs there)."""
+    hidden, weight, labels = _hidden_weight_labels(seed=2)
+    flat_hidden, flat_labels = hidden.reshape(-1, 16), labels.reshape(-1)
+    assert (flat_labels == IGNORE_INDEX).any()
+    fast = _LinearCrossEntropySum.apply(flat_hidden, weight, flat_labels, 7, True, None)
+    fast_grads = torch.autograd.grad(fast, (hidden, weight))
+    reference = linear_cross_entropy_sum_reference(hidden, weight, labels)
+    reference_grads = torch.autograd.grad(reference, (hidden, weight))
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    for fast_grad, reference_grad in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(fast_grad, reference_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_cross_entropy_is_exact_where_the_target_probability_underflows():
+    """Token losses far above 87 (p(target) below fp32's smallest normal number): the softmax
+    alone would give inf there; those rows are recomputed from their logits."""
+    hidden, weight, labels = _hidden_weight_labels(seed=3, ignored_share=0.0)
+    hidden = (hidden.detach() * 40).requires_grad_()  # logits in the hundreds
+    fast = linear_cross_entropy_sum(hidden, weight, labels, chunk_size=16)
+    fast_grads = torch.autograd.grad(fast, (hidden, weight))
+    reference = linear_cross_entropy_sum_reference(hidden, weight, labels)
+    reference_grads = torch.autograd.grad(reference, (hidden, weight))
+    token_losses = F.cross_entropy(hidden.detach().reshape(-1, 16) @ weight.detach().t(), labels.reshape(-1),
+                                   reduction="none")
+    assert (token_losses > 200).sum() > 10  # the recomputed rows are really exercised
+    assert torch.isfinite(fast)
+    torch.testing.assert_close(fast, reference, atol=1e-3, rtol=1e-6)
+    for fast_grad, reference_grad in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(fast_grad, reference_grad, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():  # the forward-only path computes log-sum-exp directly
+        torch.testing.assert_close(linear_cross_entropy_sum(hidden, weight, labels, chunk_size=16), reference,
+                                   atol=1e-3, rtol=1e-6)
 
 
 def test_batch_sequence_ids_number_rows_or_document_runs_in_row_major_order():

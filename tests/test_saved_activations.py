@@ -1,9 +1,11 @@
-"""The SwiGLU and RMSNorm backwards that keep fewer activations (swiglu.py, rms_norm.py): the same
-values and gradients as autograd through the plain expressions, with less saved for the backward."""
+"""The SwiGLU and RMSNorm backwards that keep fewer activations (swiglu.py, rms_norm.py) and RoPE's
+in fewer passes (rope.py): the same values and gradients as autograd through the plain
+expressions, with less saved for the backward (RoPE: no more than cos and sin)."""
 
 import pytest
 import torch
 
+from nanotune.rope import apply_rotary, apply_rotary_reference
 from nanotune.rms_norm import rms_norm, rms_norm_reference
 from nanotune.swiglu import swiglu_mlp, swiglu_reference
 
@@ -66,6 +68,23 @@ def test_rms_norm_equals_the_plain_expression_and_saves_less(dtype, tolerance):
     ours_saved = saved_bytes(lambda a, w: rms_norm(a, w, 1e-5), x, weight)
     assert ours_saved == 21 * 4  # the fp32 1/rms of each of the 21 rows
     assert saved_bytes(lambda a, w: rms_norm_reference(a, w, 1e-5), x, weight) >= ours_saved + 21 * 32 * x.element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_the_plain_expression_bit_for_bit_and_saves_only_cos_and_sin(dtype):
+    """On q as the model hands it over: a (B, T, H, D) projection seen as (B, H, T, D), not contiguous."""
+    projection, angles = leaves(((2, 5, 3 * 8), 1.0), ((2, 5, 4), 3.0), dtype=dtype, seed=4)
+    angles = torch.cat((angles, angles), -1).detach()  # (B, T, D), rotate-half layout as rotary_cos_sin gives
+    cos, sin = angles.cos(), angles.sin()
+    upstream = torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(5)).to(dtype)
+
+    def rotated(function):
+        return lambda p: function(p.view(2, 5, 3, 8).transpose(1, 2), cos, sin)
+
+    ours, (ours_grad,) = gradients(rotated(apply_rotary), [projection], upstream)
+    reference, (reference_grad,) = gradients(rotated(apply_rotary_reference), [projection], upstream)
+    assert torch.equal(ours, reference) and torch.equal(ours_grad, reference_grad)
+    assert saved_bytes(rotated(apply_rotary), projection) == 2 * cos.untyped_storage().nbytes()
 
 
 def test_the_model_takes_the_fast_paths_only_where_they_equal_the_plain_ones():
