@@ -156,7 +156,8 @@ def matmul_parameters(config: LlamaConfig) -> int:
     return config.n_params - embedding if not config.tie_word_embeddings else config.n_params
 
 
-def train_step_flops(config: LlamaConfig, n_tokens: int, sum_squared_lengths: int) -> float:
+def train_step_flops(config: LlamaConfig, n_tokens: int, sum_squared_lengths: int,
+                     n_target_tokens: int | None = None) -> float:
     """FLOPs of forward + backward of one step (the optimizer's few per parameter are left out).
 
         6 * N * tokens                      every matmul parameter: 2 FLOPs forward, 4 backward
@@ -166,10 +167,15 @@ def train_step_flops(config: LlamaConfig, n_tokens: int, sum_squared_lengths: in
 
     N leaves out the input embedding (a lookup, no FLOPs). For plain rows sum(T_d^2) = B * T^2;
     for packed rows it is the per-document sum: the work that has to be done, so that packed
-    runs are credited only with useful FLOPs.
+    runs are credited only with useful FLOPs. In the same spirit the lm_head counts only for the
+    `n_target_tokens` positions that have a label (all tokens when not given): a prompt position's
+    logits are work no loss needs.
     """
     L, C = config.num_hidden_layers, config.num_attention_heads * config.head_dim
-    return 6.0 * matmul_parameters(config) * n_tokens + 12.0 * L * C * sum_squared_lengths / 2
+    lm_head = config.vocab_size * config.hidden_size
+    n_target_tokens = n_tokens if n_target_tokens is None else n_target_tokens
+    return (6.0 * (matmul_parameters(config) - lm_head) * n_tokens + 6.0 * lm_head * n_target_tokens
+            + 12.0 * L * C * sum_squared_lengths / 2)
 
 
 def device_sync(device: str) -> None:

@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                                  # the issue's shape, fp32, CPU
     python benchmarks/train_step.py --seq-len 1024 --packed-docs 8   # packed rows vs plain rows
     python benchmarks/train_step.py --loop                           # train_sft.py vs the bare step
+    python benchmarks/train_step.py --profile 3 --no-memory          # where each step goes, by operator
     python benchmarks/train_step.py --device cuda --dtype bf16 --preset 1b --seq-len 2048 --compile
 
 A step is what a training loop does per batch: forward, loss, backward, AdamW step, zero_grad.
@@ -13,8 +14,9 @@ the implementations (A B C, C B A, A B C, ...), so a change in machine load hits
 alike, and the median step time is reported:
 
 * tokens/s and the ratio to transformers;
-* MFU: the FLOPs of the step (`common.train_step_flops`: 6 * matmul parameters * tokens plus
-  causal attention 12 * L * C * T^2 / 2 per row) per second, over the FLOP/s of a large matmul
+* MFU: the FLOPs of the step (`common.train_step_flops`: 6 * matmul parameters * tokens, the
+  lm_head's only over the tokens with a label, plus causal attention 12 * L * C * T^2 / 2 per
+  row) per second, over the FLOP/s of a large matmul
   measured here (`common.matmul_peak_flops`), not a datasheet figure; the same FLOPs at that
   peak are the step's floor, and transformers' step over the floor is the most any
   implementation could gain on it (printed as "floor");
@@ -377,6 +379,30 @@ def measure(runners: list[Runner], args, log) -> None:
             log(f"  warm-up {round_index + 1}/{args.warmup} done")
 
 
+def profile_steps(runners: list[Runner], args, log) -> dict:
+    """--profile: where each implementation's step goes, by operator (torch.profiler, CPU time of
+    the operator itself, per step), after the measured steps. Profiling slows small operators
+    down, so these are shares to compare, not step times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    tables = {}
+    for runner in runners:
+        with profile(activities=activities) as profiler:
+            for _ in range(args.profile):
+                runner.step()
+            device_sync(args.device)
+        events = sorted(profiler.key_averages(), key=lambda event: -event.self_cpu_time_total)
+        total = sum(event.self_cpu_time_total for event in events)
+        tables[runner.name] = [{"op": event.key, "ms_per_step": event.self_cpu_time_total / 1e3 / args.profile,
+                                "share": event.self_cpu_time_total / total} for event in events[:args.profile_rows]]
+        log(f"\nprofile of {runner.name}, {args.profile} steps: operator, ms per step spent in it (wall time on "
+            f"the calling thread), share of the step")
+        for row in tables[runner.name]:
+            log(f"  {row['op'][:60]:60s} {row['ms_per_step']:9.1f} {100 * row['share']:6.1f}%")
+    return tables
+
+
 def memory_probe(args) -> None:
     """Child process: build one implementation, then report the extra memory its steps need."""
     dtype = DTYPES[args.dtype]
@@ -448,7 +474,8 @@ def summarise(runners, config, peak_flops, memory, in_use) -> list[dict]:
     for runner in runners:
         median = medians[runner.name]
         tokens = runner.batch["input_ids"].numel()
-        flops = train_step_flops(config, tokens, squared_document_lengths(runner.batch))
+        flops = train_step_flops(config, tokens, squared_document_lengths(runner.batch),
+                                 int(n_targets(runner.batch["labels"])))
         reference = reference_name(runner.name, names)
         own_memory, reference_memory = memory.get(runner.name), memory.get(reference)
         own_in_use, reference_in_use = in_use.get(runner.name), in_use.get(reference)
@@ -509,6 +536,7 @@ def run_benchmark(args, argv) -> dict:
         log(f"note: {note}")
     log(f"measuring {', '.join(r.name for r in runners)}: {args.warmup} warm-up + {args.steps} alternating steps each")
     measure(runners, args, log)
+    profiles = profile_steps(runners, args, log) if args.profile else None
     load_after = load_average()
     # A single moment of contention lowers a peak measured once; the best of two moments is the ceiling.
     peak_after = matmul_peak_flops(args.device, dtype)
@@ -545,6 +573,7 @@ def run_benchmark(args, argv) -> dict:
         "steps": args.steps, "warmup": args.warmup,
         "implementations": rows,
         "notes": notes,
+        "profiles": profiles,
     }
     medians = {row["name"]: row["median_step_s"] for row in rows}
     floors = {row["name"]: row["floor_s"] for row in rows}
@@ -702,11 +731,16 @@ def parse_args(argv):
     parser.add_argument("--loop", action="store_true", help="train_sft.py end to end vs the bare step (item 5)")
     parser.add_argument("--loop-windows", type=int, default=5, help="--loop: log windows (the first is dropped)")
     parser.add_argument("--loop-log-every", type=int, default=4, help="--loop: steps per log window")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the measured steps, profile STEPS more of each implementation by operator")
+    parser.add_argument("--profile-rows", type=int, default=15, help="--profile: operators listed per implementation")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not 0 <= args.prompt_fraction < 1:
         parser.error(f"--prompt-fraction must be in [0, 1): some of every row must be reply, not {args.prompt_fraction}")
+    if args.profile < 0 or args.profile_rows < 1:
+        parser.error(f"--profile must be >= 0 and --profile-rows >= 1, not {args.profile} and {args.profile_rows}")
     return args
 
 
