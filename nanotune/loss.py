@@ -65,11 +65,12 @@ class LogitsWorkspace:
 class _LinearCrossEntropySum(torch.autograd.Function):
     """sum_t CE(hidden_t @ weight.T, label_t) over chunks of tokens, gradients made in the forward.
 
-    For each chunk: logits (n, V) in fp32, log-sum-exp, target logit; if gradients are wanted, the
-    softmax minus the one-hot target is turned at once into the gradients of hidden and weight
-    (the two matmuls the backward would have done), and the chunk's logits are dropped. Peak extra
-    memory is one chunk of logits, and nothing is recomputed. backward only scales the stored
-    gradients by the incoming scalar.
+    For each chunk: logits (n, V) in fp32 and each token's -log p(target); if gradients are
+    wanted, the softmax minus the one-hot target is turned at once into the gradients of hidden
+    and weight (the two matmuls the backward would have done), and the chunk's logits are
+    dropped. Peak extra memory is one chunk of logits, and nothing is recomputed (but the rare
+    rows whose p(target) underflows). backward only scales the stored gradients by the incoming
+    scalar.
 
     Besides the three matmuls, passes over the (n, V) chunk are what cost, so there is one: the
     softmax in place, a row-wise kernel that keeps each row in cache while it finds the max, sums
