@@ -279,9 +279,21 @@ class TrainingState:
 
 
 def _is_interrupt(error: BaseException) -> bool:
-    failures = getattr(error, "failures", None) or {}  # torch's CheckpointException: rank -> (error, traceback)
-    return isinstance(error, KeyboardInterrupt) or any(
-        isinstance(failure[0], KeyboardInterrupt) for failure in failures.values())
+    """Was this failure a Ctrl-C? DCP wraps each rank's error in a CheckpointException (`failures`:
+    rank -> (error, traceback)), and a Ctrl-C inside torch.save's zip writer surfaces as the
+    RuntimeError its clean-up then raises, with the KeyboardInterrupt as its context."""
+    seen, pending = set(), [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        failures = getattr(current, "failures", None) or {}
+        pending += [failure[0] for failure in failures.values() if isinstance(failure, tuple) and failure]
+        pending += [current.__cause__, current.__context__]
+    return False
 
 
 # ----------------------------------------------------------------------------------------------

@@ -195,6 +195,31 @@ def test_a_nan_loss_stops_the_run_with_one_line_and_saves_nothing_after_it(works
     assert not leftovers(output)
 
 
+def test_a_ctrl_c_inside_a_checkpoint_write_is_told_from_a_failure_however_dcp_wraps_it():
+    """A Ctrl-C that lands inside torch.save's zip writer surfaces as the RuntimeError the writer's
+    clean-up raises (the KeyboardInterrupt is its context), wrapped per rank by DCP: still a
+    Ctrl-C, so the run stops with its one line. A real failure stays a failure."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from nanotune.train_state import _is_interrupt
+
+    def raised_during(first, second):
+        try:
+            try:
+                raise first
+            except BaseException:
+                raise second
+        except BaseException as error:
+            return error
+
+    cleanup_error = raised_during(KeyboardInterrupt(), RuntimeError("unexpected pos 320 vs 236"))
+    assert _is_interrupt(CheckpointException("write", {0: (cleanup_error, None)}))
+    assert _is_interrupt(CheckpointException("write", {0: (KeyboardInterrupt(), None)}))
+    assert _is_interrupt(KeyboardInterrupt())
+    assert not _is_interrupt(CheckpointException("write", {0: (OSError("disk full"), None)}))
+    assert not _is_interrupt(raised_during(ValueError("a"), RuntimeError("b")))
+
+
 def test_ctrl_c_stops_with_one_line_and_leaves_no_temporary_folder(workspace, tmp_path):  # noqa: F811
     output = tmp_path / "interrupted"
     process = subprocess.Popen([sys.executable, str(ROOT / "train_pt.py"),
