@@ -68,14 +68,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     For each chunk: logits (n, V) in fp32 and each token's -log p(target); if gradients are
     wanted, the softmax minus the one-hot target is turned at once into the gradients of hidden
     and weight (the two matmuls the backward would have done), and the chunk's logits are
-    dropped. Peak extra memory is one chunk of logits, and nothing is recomputed (but the rare
-    rows whose p(target) underflows). backward only scales the stored gradients by the incoming
-    scalar.
+    dropped. Peak extra memory is one chunk of logits, and nothing is recomputed. backward only
+    scales the stored gradients by the incoming scalar.
 
-    Besides the three matmuls, passes over the (n, V) chunk are what cost, so there is one: the
-    softmax in place, a row-wise kernel that keeps each row in cache while it finds the max, sums
-    the exponentials and scales (`torch.logsumexp` followed by a softmax takes eight passes and two
-    (n, V) allocations). Without gradients the loss needs no softmax: max, exp, sum in place. How the chunk size trades against speed is
+    Besides the three matmuls, passes over the (n, V) chunk are what cost, so there are two: the
+    row max, and the softmax in place, a row-wise kernel that keeps each row in cache while it
+    finds the max, sums the exponentials and scales (`torch.logsumexp` followed by a softmax takes
+    eight passes and two (n, V) allocations). Without gradients the loss needs no softmax: max,
+    exp, sum in place. No host sync on CUDA. How the chunk size trades against speed is
     in README's performance section (`benchmarks/train_step.py --loss-chunk-tokens N`).
     """
 
@@ -106,21 +106,19 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 log_normaliser = row_max.squeeze(1) + row_sum.log()  # (n,) = logsumexp of the logits
                 total += ((log_normaliser - target_logit) * is_target).sum()
                 continue
-            # The softmax in place (one row-wise kernel: max, exp and sum, scale, each row in cache),
-            # and each token's loss -log p(target) read from it. A p below fp32's smallest normal
-            # number (a loss above 87) has lost its precision: those rows are recomputed exactly.
+            # The softmax in place (one row-wise kernel: max, exp and sum, scale, each row in cache).
+            # Its log-sum-exp comes from the largest logit's probability, exp(max - lse) = 1 / sum,
+            # which lies in [1/V, 1] and never underflows (p(target) may: a loss above 87).
+            target_logit = logits.gather(1, safe_y[:, None]).squeeze(1)  # (n,), before logits are overwritten
+            row_max, row_argmax = logits.max(dim=-1, keepdim=True)  # (n, 1) each
             probabilities = torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # (n, V)
-            target_probability = probabilities.gather(1, safe_y[:, None]).squeeze(1)  # (n,)
-            token_loss = -target_probability.log()  # (n,)
-            underflowed = (target_probability < torch.finfo(torch.float32).tiny) & is_target  # (n,)
-            if underflowed.any():
-                rows = underflowed.nonzero().squeeze(1)
-                exact_logits = (h[rows] @ weight.t()).float()  # (r, V)
-                token_loss[rows] = torch.logsumexp(exact_logits, -1) - exact_logits.gather(1, safe_y[rows, None]).squeeze(1)
-            total += (token_loss * is_target).sum()
-            # d loss / d logits = softmax - one_hot(target); rows without a target get zero.
+            log_normaliser = (row_max - probabilities.gather(1, row_argmax).log()).squeeze(1)  # (n,)
+            total += ((log_normaliser - target_logit) * is_target).sum()
+            # d loss / d logits = softmax - one_hot(target); rows without a target get zero. On the
+            # CPU such rows were dropped before (target_rows_only) and asking is free; elsewhere
+            # asking would be a host sync per chunk, so the mask is applied unasked.
             d_logits = probabilities  # (n, V)
-            if not bool(is_target.all()):
+            if d_logits.device.type != "cpu" or not bool(is_target.all()):
                 d_logits.mul_(is_target[:, None])
             d_logits[torch.arange(len(y), device=y.device), safe_y] -= is_target.to(d_logits.dtype)
             d_logits = d_logits.to(h.dtype)
