@@ -68,20 +68,23 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     For each chunk: logits (n, V) in fp32 and each token's -log p(target); if gradients are
     wanted, the softmax minus the one-hot target is turned at once into the gradients of hidden
     and weight (the two matmuls the backward would have done), and the chunk's logits are
-    dropped. Peak extra memory is one chunk of logits, and nothing is recomputed. backward only
-    scales the stored gradients by the incoming scalar.
+    dropped. Peak extra memory is one chunk of logits, and nothing is recomputed (but, on the CPU,
+    the rare rows whose p(target) underflows). backward only scales the stored gradients by the
+    incoming scalar.
 
-    Besides the three matmuls, passes over the (n, V) chunk are what cost, so there are two: the
-    row max, and the softmax in place, a row-wise kernel that keeps each row in cache while it
-    finds the max, sums the exponentials and scales (`torch.logsumexp` followed by a softmax takes
-    eight passes and two (n, V) allocations). Without gradients the loss needs no softmax: max,
-    exp, sum in place. No host sync on CUDA. How the chunk size trades against speed is
-    in README's performance section (`benchmarks/train_step.py --loss-chunk-tokens N`).
+    Besides the three matmuls, passes over the (n, V) chunk are what cost, so there are as few
+    as the device allows: the softmax in place, a row-wise kernel that keeps each row in cache
+    while it finds the max, sums the exponentials and scales (`torch.logsumexp` followed by a
+    softmax takes eight passes and two (n, V) allocations), and on devices other than the CPU the
+    row max (`_softmax_and_token_loss` says why). Without gradients the loss needs no softmax:
+    max, exp, sum in place. No host sync on CUDA. How the chunk size trades against speed is in
+    README's performance section (`benchmarks/train_step.py --loss-chunk-tokens N`).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, grad_enabled, workspace):
+    def forward(ctx, hidden, weight, labels, chunk_size, grad_enabled, workspace, host_checks_are_free):
         # hidden (N, C), weight (V, C), labels (N,); workspace None or (>= min(N, chunk_size), V) fp32
+        # host_checks_are_free: asking a tensor's value costs no device sync (the CPU)
         need_hidden_grad = grad_enabled and hidden.requires_grad
         need_weight_grad = grad_enabled and weight.requires_grad
         N = hidden.shape[0]
@@ -106,19 +109,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 log_normaliser = row_max.squeeze(1) + row_sum.log()  # (n,) = logsumexp of the logits
                 total += ((log_normaliser - target_logit) * is_target).sum()
                 continue
-            # The softmax in place (one row-wise kernel: max, exp and sum, scale, each row in cache).
-            # Its log-sum-exp comes from the largest logit's probability, exp(max - lse) = 1 / sum,
-            # which lies in [1/V, 1] and never underflows (p(target) may: a loss above 87).
-            target_logit = logits.gather(1, safe_y[:, None]).squeeze(1)  # (n,), before logits are overwritten
-            row_max, row_argmax = logits.max(dim=-1, keepdim=True)  # (n, 1) each
-            probabilities = torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # (n, V)
-            log_normaliser = (row_max - probabilities.gather(1, row_argmax).log()).squeeze(1)  # (n,)
-            total += ((log_normaliser - target_logit) * is_target).sum()
+            probabilities, token_loss = _softmax_and_token_loss(logits, h, weight, safe_y, is_target,
+                                                                host_checks_are_free)  # (n, V), (n,)
+            total += torch.where(is_target, token_loss, 0.0).sum()  # an ignored row's loss may be inf
             # d loss / d logits = softmax - one_hot(target); rows without a target get zero. On the
             # CPU such rows were dropped before (target_rows_only) and asking is free; elsewhere
             # asking would be a host sync per chunk, so the mask is applied unasked.
             d_logits = probabilities  # (n, V)
-            if d_logits.device.type != "cpu" or not bool(is_target.all()):
+            if not host_checks_are_free or not bool(is_target.all()):
                 d_logits.mul_(is_target[:, None])
             d_logits[torch.arange(len(y), device=y.device), safe_y] -= is_target.to(d_logits.dtype)
             d_logits = d_logits.to(h.dtype)
@@ -143,7 +141,35 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_hidden = grad_hidden.mul_(grad_total.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _softmax_and_token_loss(logits, h, weight, safe_y, is_target, host_checks_are_free):
+    """logits (n, V) fp32 -> (their softmax, written over them; each row's -log p(target) (n,)).
+
+    The loss comes from one probability of the softmax and one logit: -log p(target) =
+    lse - logit_target, and lse = logit_j - log p_j for any j. On the CPU, j is the target itself:
+    no extra pass. A p(target) below fp32's smallest normal number (a loss above 87) has lost its
+    precision, and those rare rows are recomputed exactly; asking whether there are any is free on
+    the CPU. Elsewhere that question is a host sync per chunk, so j is the row's largest logit,
+    whose probability 1 / sum lies in [1/V, 1] and never underflows, at the cost of one more pass
+    over the chunk (the row max and its index).
+    """
+    target_logit = logits.gather(1, safe_y[:, None]).squeeze(1)  # (n,), before logits are overwritten
+    if host_checks_are_free:
+        probabilities = torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # (n, V)
+        target_probability = probabilities.gather(1, safe_y[:, None]).squeeze(1)  # (n,)
+        token_loss = -target_probability.log()  # (n,)
+        underflowed = (target_probability < torch.finfo(torch.float32).tiny) & is_target  # (n,)
+        if bool(underflowed.any()):
+            rows = underflowed.nonzero().squeeze(1)  # (r,)
+            exact_logits = (h[rows] @ weight.t()).float()  # (r, V)
+            token_loss[rows] = torch.logsumexp(exact_logits, -1) - target_logit[rows]
+        return probabilities, token_loss
+    row_max, row_argmax = logits.max(dim=-1, keepdim=True)  # (n, 1) each
+    probabilities = torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # (n, V)
+    log_normaliser = (row_max - probabilities.gather(1, row_argmax).log()).squeeze(1)  # (n,)
+    return probabilities, log_normaliser - target_logit
 
 
 def _accumulate_weight_grad(grad_weight, d_logits, h):
@@ -194,7 +220,9 @@ def linear_cross_entropy_sum(
         hidden, labels = target_rows_only(hidden, labels)
     # Inside an autograd.Function's forward grad mode is always off: decide here whether to make grads.
     grad_enabled = torch.is_grad_enabled()
-    return _LinearCrossEntropySum.apply(hidden, weight, labels, chunk_size, grad_enabled, buffer)
+    host_checks_are_free = hidden.device.type == "cpu"
+    return _LinearCrossEntropySum.apply(hidden, weight, labels, chunk_size, grad_enabled, buffer,
+                                        host_checks_are_free)
 
 
 def linear_cross_entropy_sum_reference(hidden, weight, labels, chunk_size: int = 1024) -> torch.Tensor:

@@ -45,13 +45,14 @@ def test_fused_cross_entropy_equals_the_readable_reference(chunk_size):
         torch.testing.assert_close(fast_grad, reference_grad, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_cross_entropy_keeps_ignored_rows_at_zero_gradient_when_they_reach_the_kernel():
+@pytest.mark.parametrize("host_checks_are_free", [True, False])
+def test_fused_cross_entropy_keeps_ignored_rows_at_zero_gradient_when_they_reach_the_kernel(host_checks_are_free):
     """On CUDA the rows without a target are not dropped first: the kernel itself must give them
-    zero loss and zero gradient (called here directly, as it runs there)."""
+    zero loss and zero gradient (called here directly, as it runs there; False is CUDA's way)."""
     hidden, weight, labels = _hidden_weight_labels(seed=2)
     flat_hidden, flat_labels = hidden.reshape(-1, 16), labels.reshape(-1)
     assert (flat_labels == IGNORE_INDEX).any()
-    fast = _LinearCrossEntropySum.apply(flat_hidden, weight, flat_labels, 7, True, None)
+    fast = _LinearCrossEntropySum.apply(flat_hidden, weight, flat_labels, 7, True, None, host_checks_are_free)
     fast_grads = torch.autograd.grad(fast, (hidden, weight))
     reference = linear_cross_entropy_sum_reference(hidden, weight, labels)
     reference_grads = torch.autograd.grad(reference, (hidden, weight))
@@ -60,13 +61,16 @@ def test_fused_cross_entropy_keeps_ignored_rows_at_zero_gradient_when_they_reach
         torch.testing.assert_close(fast_grad, reference_grad, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_cross_entropy_is_exact_where_the_target_probability_underflows():
+@pytest.mark.parametrize("host_checks_are_free", [True, False])
+def test_fused_cross_entropy_is_exact_where_the_target_probability_underflows(host_checks_are_free):
     """Token losses far above 87 (p(target) below fp32's smallest normal number): the softmax
-    alone would give inf there (-log p(target)); the log-sum-exp is read from the largest logit's
-    probability instead, which cannot underflow."""
+    alone would give inf there (-log p(target)). On the CPU (True) those rows are recomputed; on
+    CUDA (False, run here on the CPU) the log-sum-exp is read from the largest logit's
+    probability, which cannot underflow. Both must be exact, in the loss and its gradients."""
     hidden, weight, labels = _hidden_weight_labels(seed=3, ignored_share=0.0)
     hidden = (hidden.detach() * 40).requires_grad_()  # logits in the hundreds
-    fast = linear_cross_entropy_sum(hidden, weight, labels, chunk_size=16)
+    fast = _LinearCrossEntropySum.apply(hidden.reshape(-1, 16), weight, labels.reshape(-1), 16, True, None,
+                                        host_checks_are_free)
     fast_grads = torch.autograd.grad(fast, (hidden, weight))
     reference = linear_cross_entropy_sum_reference(hidden, weight, labels)
     reference_grads = torch.autograd.grad(reference, (hidden, weight))
