@@ -31,12 +31,16 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # (N, C)
         x, g, u, gate_weight, up_weight, down_weight = ctx.saved_tensors
+        # Each (N, I) result written over a temporary that is no longer needed: a fresh (N, I)
+        # tensor costs more than the multiply that fills it (its pages are faulted in first).
         a = F.silu(g)  # (N, I), recomputed
         grad_h = grad_y @ down_weight  # (N, I)
-        grad_down = grad_y.t() @ (a * u) if ctx.needs_input_grad[3] else None  # (C, I)
         grad_u = grad_h * a  # (N, I)
+        h = a.mul_(u)  # (N, I): silu(g) * u, over a
+        grad_down = grad_y.t() @ h if ctx.needs_input_grad[3] else None  # (C, I)
+        del a, h
         # d silu(g)/dg, times the gradient reaching silu's output (grad_h * u), in one fused op.
-        grad_g = torch.ops.aten.silu_backward(grad_h.mul_(u), g)  # (N, I)
+        grad_g = torch.ops.aten.silu_backward.grad_input(grad_h.mul_(u), g, grad_input=grad_h)  # (N, I)
         grad_x = (grad_g @ gate_weight).addmm_(grad_u, up_weight)  # (N, C)
         grad_gate = grad_g.t() @ x if ctx.needs_input_grad[1] else None  # (I, C)
         grad_up = grad_u.t() @ x if ctx.needs_input_grad[2] else None  # (I, C)
