@@ -234,6 +234,25 @@ def peak_rss_bytes() -> int:
     return _status_kib("VmHWM") * 1024
 
 
+def keep_freed_memory() -> None:
+    """Tell glibc to serve every allocation from its heap and never hand freed memory back
+    (mallopt: M_MMAP_MAX 0, M_TRIM_THRESHOLD at its maximum), for this whole process.
+
+    An experiment, not a setting a user runs with: a step then reuses the pages of the tensors the
+    last step freed instead of faulting in and zeroing fresh ones, so the difference it makes
+    is what those page faults cost (`train_step.py --keep-freed-memory`). Linux with glibc only.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as error:
+        raise SystemExit(f"--keep-freed-memory needs glibc (libc.so.6): {error}") from None
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        raise SystemExit("--keep-freed-memory: glibc refused mallopt")
+
+
 def load_average() -> float:
     """The 1-minute load average (runnable processes, averaged): about 0 on an idle machine."""
     return os.getloadavg()[0]

@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --seq-len 1024 --packed-docs 8   # packed rows vs plain rows
     python benchmarks/train_step.py --loop                           # train_sft.py vs the bare step
     python benchmarks/train_step.py --profile 3 --no-memory          # where each step goes, by operator
+    python benchmarks/train_step.py --keep-freed-memory              # the same step without page faults
     python benchmarks/train_step.py --device cuda --dtype bf16 --preset 1b --seq-len 2048 --compile
 
 A step is what a training loop does per batch: forward, loss, backward, AdamW step, zero_grad.
@@ -77,6 +78,7 @@ from common import (  # noqa: E402
     ROOT,
     device_description,
     device_sync,
+    keep_freed_memory,
     load_average,
     load_optimizer_modules,
     make_batch,
@@ -525,6 +527,9 @@ def run_benchmark(args, argv) -> dict:
     config = preset_config(args.preset, args.seq_len)
     load_before = wait_until_quiet(args.max_load, args.max_wait) if args.max_load else load_average()
     log(f"device: {device_description(args.device)}; 1-minute load {load_before:.2f}")
+    if args.keep_freed_memory:
+        log("glibc keeps freed memory in this process (--keep-freed-memory, both implementations; not a user's "
+            "setting): no step faults in fresh pages")
     peak = matmul_peak_flops(args.device, dtype)
     log(f"matmul peak ({args.dtype}, measured): {peak / 1e9:.1f} GFLOP/s")
     packed_note = f", {args.packed_docs} documents per packed row" if args.packed_docs > 1 else ""
@@ -734,6 +739,9 @@ def parse_args(argv):
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after the measured steps, profile STEPS more of each implementation by operator")
     parser.add_argument("--profile-rows", type=int, default=15, help="--profile: operators listed per implementation")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="an experiment: glibc keeps freed memory for reuse in this process (both implementations "
+                             "alike), so no step faults in fresh pages; implies --no-memory (common.keep_freed_memory)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -741,6 +749,10 @@ def parse_args(argv):
         parser.error(f"--prompt-fraction must be in [0, 1): some of every row must be reply, not {args.prompt_fraction}")
     if args.profile < 0 or args.profile_rows < 1:
         parser.error(f"--profile must be >= 0 and --profile-rows >= 1, not {args.profile} and {args.profile_rows}")
+    if args.keep_freed_memory:
+        if args.device != "cpu" or args.loop:
+            parser.error("--keep-freed-memory is about this process's host memory: it needs --device cpu, not --loop")
+        args.memory = False  # the probes measure glibc's default, as users run
     return args
 
 
@@ -751,6 +763,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.memory_probe:
         return memory_probe(args)
+    if args.keep_freed_memory:
+        keep_freed_memory()  # before anything is built
     result = loop_benchmark(args) if args.loop else run_benchmark(args, argv)
     if args.json:
         print(json.dumps(result, indent=2))
