@@ -22,16 +22,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-if [[ $# -gt 1 ]]; then
-    echo "usage: bash examples/arith_grpo/run.sh [OUT_DIR]" >&2
-    exit 2
-fi
-if [[ $# -eq 1 ]]; then
-    mkdir -p "$1"
-    OUT="$(cd "$1" && pwd)"  # absolute, from the caller's directory, before we cd to the repository
-else
-    OUT="$ROOT/runs/arith_grpo"
-fi
+# shellcheck source=../stages.sh
+source "$ROOT/examples/stages.sh"  # example_out_dir, start_example, stage
+example_out_dir arith_grpo "$@"
 cd "$ROOT"
 
 EXAMPLE=examples/arith_grpo
@@ -40,26 +33,7 @@ VOCAB_SIZE=272   # SentencePiece's most for this corpus: the 256 byte pieces, th
 rm -rf "$OUT/data" "$OUT/tokenizer" "$OUT/sft" "$OUT/grpo" "$OUT/eval" "$OUT/report.json" \
     "$OUT/reward_curve.png" "$OUT/stage_times.tsv"
 mkdir -p "$OUT/eval"
-TIMES="$OUT/stage_times.tsv"
-
-now() { python -c 'import time; print(f"{time.time():.3f}")'; }
-
-# stage NAME COMMAND...: run COMMAND with a header, and record its start and end in $TIMES.
-stage() {
-    local name=$1
-    shift
-    echo
-    echo "=== [$name] $(date +%H:%M:%S)"
-    local start
-    start=$(now)
-    "$@"
-    printf '%s\t%s\t%s\n' "$name" "$start" "$(now)" >>"$TIMES"
-}
-
-# The load before any of our work: other processes on the machine slow every stage down.
-LOAD_AT_START=$(python -c 'import os; print(f"{os.getloadavg()[0]:.2f}")')
-echo "nanotune GRPO arithmetic example -> $OUT (load average $LOAD_AT_START)"
-echo "python: $(command -v python) ($(python -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())'))"
+start_example "GRPO arithmetic example"
 
 stage data python "$EXAMPLE/make_data.py" --out "$OUT/data"
 

@@ -24,16 +24,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-if [[ $# -gt 1 ]]; then
-    echo "usage: bash examples/tcm_qg/run.sh [OUT_DIR]" >&2
-    exit 2
-fi
-if [[ $# -eq 1 ]]; then
-    mkdir -p "$1"
-    OUT="$(cd "$1" && pwd)"  # absolute, from the caller's directory, before we cd to the repository
-else
-    OUT="$ROOT/runs/tcm_qg"
-fi
+# shellcheck source=../stages.sh
+source "$ROOT/examples/stages.sh"  # example_out_dir, start_example, stage
+example_out_dir tcm_qg "$@"
 cd "$ROOT"
 
 EXAMPLE=examples/tcm_qg
@@ -46,26 +39,7 @@ MAX_NEW_TOKENS=40   # a question is ~7 tokens; the pretrained model rambles unti
 rm -rf "$OUT/tokenizer" "$OUT/pt" "$OUT/data" "$OUT/sft" "$OUT/dpo" "$OUT/eval" "$OUT/report.json" \
     "$OUT/stage_times.tsv" "$OUT/preference_times.tsv"
 mkdir -p "$OUT/eval"
-TIMES="$OUT/stage_times.tsv"
-
-now() { python -c 'import time; print(f"{time.time():.3f}")'; }
-
-# stage NAME COMMAND...: run COMMAND with a header, and record its start and end in $TIMES.
-stage() {
-    local name=$1
-    shift
-    echo
-    echo "=== [$name] $(date +%H:%M:%S)"
-    local start
-    start=$(now)
-    "$@"
-    printf '%s\t%s\t%s\n' "$name" "$start" "$(now)" >>"$TIMES"
-}
-
-# The load before any of our work: other processes on the machine slow every stage down.
-LOAD_AT_START=$(python -c 'import os; print(f"{os.getloadavg()[0]:.2f}")')
-echo "nanotune TCM question generation example -> $OUT (load average $LOAD_AT_START)"
-echo "python: $(command -v python) ($(python -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())'))"
+start_example "TCM question generation example"
 
 # Character coverage 1.0: every character of the corpus gets a piece of its own, none is spelled in
 # bytes. (The QG passages use only characters of the corpus; the instruction line around them spells
