@@ -202,3 +202,48 @@ def test_a_byte_order_mark_is_stripped_in_every_reader(tmp_path):
     assert read_conversations(chat)[0][-1]["content"] == "one"
     assert read_conversations(chat, skip_invalid=True)[0][-1]["content"] == "one"
     assert [line for line, _ in iter_json_records(array)] == [1, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# skip_invalid: the same for every reader (records.reject_record)
+# ---------------------------------------------------------------------------------------------
+
+GOOD_AND_BAD = {  # reader -> (a valid record, a record that reader refuses)
+    "conversations": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+                      {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}),
+    "preference pairs": ({"prompt": "q", "chosen": "yes", "rejected": "no"},
+                         {"prompt": "q", "chosen": "yes", "rejected": 3}),
+    "prompts": ({"prompt": "2 + 2 ="}, {"prompt": ""}),
+}
+
+
+def read_with(reader: str, path, skip_invalid: bool, stats: dict):
+    from nanotune.data.preference import read_preference_pairs
+    from nanotune.data.prompts import read_prompt_records
+
+    if reader == "conversations":
+        return read_conversations(path, skip_invalid=skip_invalid, stats=stats)
+    if reader == "preference pairs":
+        return read_preference_pairs(path, skip_invalid=skip_invalid, stats=stats)
+    return read_prompt_records([path], skip_invalid=skip_invalid)
+
+
+@pytest.mark.parametrize("reader", sorted(GOOD_AND_BAD))
+def test_every_reader_refuses_a_bad_record_by_line_or_skips_it_with_ten_warnings_at_most(tmp_path, caplog, reader):
+    good, bad = GOOD_AND_BAD[reader]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [good] + [bad] * 12 + [good]), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{path}:2: "):
+        read_with(reader, path, skip_invalid=False, stats={})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nanotune"):
+        stats = {}
+        kept = read_with(reader, path, skip_invalid=True, stats=stats)
+    assert len(kept) == 2
+    messages = [r.getMessage() for r in caplog.records]
+    if reader == "prompts":  # read_prompt_records takes no stats: its summary line gives the count
+        assert any(m.startswith("prompt data: 12 invalid records skipped") for m in messages)
+    else:
+        assert stats["invalid"] == 12
+    skipped = [m for m in messages if m.startswith("skipping invalid")]
+    assert [m.split(": ", 1)[1].split(": ", 1)[0] for m in skipped] == [f"{path}:{line}" for line in range(2, 12)]

@@ -32,7 +32,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .records import DataError, expand_files, iter_json_records, iter_jsonl_values
+from .records import DataError, expand_files, iter_json_records, iter_jsonl_values, reject_record
 
 log = logging.getLogger("nanotune")
 
@@ -272,12 +272,7 @@ def iter_conversation_records(
                     file_format = detect_format(record)
                 conversations = record_to_conversations(record, file_format)
             except DataError as error:
-                message = f"{path}:{line}: {error}"
-                if not skip_invalid:
-                    raise DataError(message) from None
-                stats["invalid"] += 1
-                if stats["invalid"] <= 10:
-                    log.warning("skipping invalid record: %s", message)
+                reject_record(f"{path}:{line}", error, skip_invalid, stats)
                 continue
             stats["conversations"] += len(conversations)
             yield path, line, conversations

@@ -50,7 +50,8 @@ from pathlib import Path
 import torch
 
 from nanotune.data.formats import SHAREGPT_ROLES, check_conversation
-from nanotune.data.records import DataError, expand_files, iter_json_records, iter_jsonl_values, iter_text_lines
+from nanotune.data.records import (DataError, expand_files, iter_json_records, iter_jsonl_values, iter_text_lines,
+                                   reject_record)
 from nanotune.data.sft import encode_prompt, plan_packing, tokenize_segments
 from nanotune.data.templates import Template, get_template
 from nanotune.loss import IGNORE_INDEX
@@ -260,12 +261,7 @@ def iter_preference_records(
                     raise DataError(f"expected a JSON object, got {type(record).__name__}")
                 pair = reader(record).check()
             except DataError as error:
-                message = f"{path}:{line}: {error}"
-                if not skip_invalid:
-                    raise DataError(message) from None
-                stats["invalid"] += 1
-                if stats["invalid"] <= 10:
-                    logger.warning("skipping invalid record: %s", message)
+                reject_record(f"{path}:{line}", error, skip_invalid, stats)
                 continue
             yield path, line, pair
 
@@ -422,10 +418,7 @@ def build_preference_dataset(files, tokenizer, template: str | Template, *, max_
         try:
             sample, outcome = encode_pair(pair, tokenizer, template, max_length, truncation)
         except DataError as error:
-            if not skip_invalid:
-                raise DataError(f"{place}: {error}") from None
-            stats["invalid"] += 1
-            logger.warning("skipping pair: %s: %s", place, error)
+            reject_record(place, error, skip_invalid, stats, what="pair")
             continue
         stats[outcome] += 1
         if sample is not None:

@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 
 from .formats import check_conversation
-from .records import DataError, expand_files, iter_json_records
+from .records import DataError, expand_files, iter_json_records, reject_record
 from .sft import encode_prompt
 from .templates import Template
 
@@ -38,18 +38,16 @@ class PromptRecord:
 def read_prompt_records(files, skip_invalid: bool = False) -> list[PromptRecord]:
     """Every prompt record of `files` (paths or globs), checked; a bad one is one line naming
     file, line and field, or (with `skip_invalid`) skipped and counted."""
-    records, n_invalid = [], 0
+    records, stats = [], {"invalid": 0}
     for path in expand_files(files):
         for line_number, value in iter_json_records(path):
             where = f"{path}:{line_number}"
             try:
                 records.append(prompt_record(value, where))
             except DataError as error:
-                if not skip_invalid:
-                    raise DataError(f"{where}: {error}") from None
-                n_invalid += 1
-    if n_invalid:
-        log.warning("prompt data: %d invalid records skipped (data.skip_invalid = true)", n_invalid)
+                reject_record(where, error, skip_invalid, stats, what="prompt record")
+    if stats["invalid"]:
+        log.warning("prompt data: %d invalid records skipped (data.skip_invalid = true)", stats["invalid"])
     return records
 
 

@@ -15,14 +15,33 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
+log = logging.getLogger("nanotune")
+
+
 class DataError(ValueError):
     """Bad input data. The message starts with `file:line:` and names the field."""
+
+
+def reject_record(where: str, problem: object, skip_invalid: bool, stats: dict, what: str = "record") -> None:
+    """What every reader does with a record that fails its checks, called from its `except DataError`.
+
+    Without `skip_invalid`: raise `where: problem`, one line, before anything is trained on. With it:
+    count the record in `stats["invalid"]` and warn about the first ten, so that a file with thousands of
+    bad records says so without flooding the log (the reader's summary gives the total).
+    """
+    message = f"{where}: {problem}"
+    if not skip_invalid:
+        raise DataError(message) from None
+    stats["invalid"] = stats.get("invalid", 0) + 1
+    if stats["invalid"] <= 10:
+        log.warning("skipping invalid %s: %s", what, message)
 
 
 def expand_files(patterns: Iterable[str | os.PathLike] | str) -> list[Path]:
