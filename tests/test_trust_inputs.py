@@ -12,6 +12,8 @@ from helpers import corpus_lines, train_sentencepiece
 
 from nanotune.config import ConfigError, SFTDataConfig, load_config
 from nanotune.data.formats import read_conversations
+from nanotune.data.preference import read_preference_pairs
+from nanotune.data.prompts import read_prompt_records
 from nanotune.data.records import DataError, expand_files, iter_json_records
 from nanotune.data.token_cache import read_documents
 from nanotune.preflight import check_data_files, check_enough_samples, check_tokenizer_fits_model
@@ -218,9 +220,6 @@ GOOD_AND_BAD = {  # reader -> (a valid record, a record that reader refuses)
 
 
 def read_with(reader: str, path, skip_invalid: bool, stats: dict):
-    from nanotune.data.preference import read_preference_pairs
-    from nanotune.data.prompts import read_prompt_records
-
     if reader == "conversations":
         return read_conversations(path, skip_invalid=skip_invalid, stats=stats)
     if reader == "preference pairs":
